@@ -1,0 +1,208 @@
+"""vit.py: the backbone against independent implementations, every checkpoint format, bad files."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from vit import CLIP_MEAN, CLIP_STD, Block, CheckpointError, VisionTransformer, clip_preprocess, load_clip
+
+transformers = pytest.importorskip("transformers")
+
+TINY = dict(image_size=32, patch_size=8, width=64, layers=3, heads=2, output_dim=48)  # head width 32, not 64
+
+
+def tiny_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return VisionTransformer(**{**TINY, **overrides}).eval()
+
+
+def images(n=2, size=32, seed=1):
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+class OpenAIBlock(nn.Module):
+    """OpenAI's block as CLIP builds it: nn.MultiheadAttention on (N, B, D), the MLP written out."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(width, heads)
+        self.ln_1, self.ln_2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.mlp = nn.ModuleDict(dict(c_fc=nn.Linear(width, 4 * width), c_proj=nn.Linear(4 * width, width)))
+
+    def forward(self, x):  # (B, N, D)
+        x = x.transpose(0, 1)  # NLD -> LND
+        h = self.ln_1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        h = self.mlp["c_fc"](self.ln_2(x))
+        x = x + self.mlp["c_proj"](h * torch.sigmoid(1.702 * h))
+        return x.transpose(0, 1)
+
+
+def test_block_matches_openai_block():
+    torch.manual_seed(0)
+    ours = Block(width=64, heads=4).eval()
+    for p in ours.parameters():  # non-trivial norms and biases
+        nn.init.normal_(p, std=0.2)
+    ref = OpenAIBlock(64, 4).eval()
+    ref.load_state_dict(ours.state_dict(), strict=True)  # same parameter names
+    x = torch.randn(3, 17, 64)
+    assert (ours(x) - ref(x)).abs().max() < 1e-5
+
+
+def hf_vision(tmp_path, *, width, layers, heads, patch, image, proj, cls="CLIPVisionModelWithProjection"):
+    config = transformers.CLIPVisionConfig(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
+                                           num_attention_heads=heads, patch_size=patch, image_size=image,
+                                           projection_dim=proj, hidden_act="quick_gelu")
+    torch.manual_seed(0)
+    model = getattr(transformers, cls)(config).eval()
+    with torch.no_grad():  # random norms and biases, so every weight matters
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.normal_(std=0.1)
+    return model
+
+
+@pytest.mark.parametrize("shape", [
+    dict(width=64, layers=2, heads=2, patch=8, image=32, proj=48),  # tiny, head width 32
+    dict(width=768, layers=12, heads=12, patch=16, image=224, proj=512),  # ViT-B/16
+], ids=["tiny", "ViT-B-16"])
+@pytest.mark.parametrize("safe", [True, False], ids=["safetensors", "bin"])
+def test_matches_hugging_face_clip(tmp_path, shape, safe):
+    hf = hf_vision(tmp_path, **shape)
+    hf.save_pretrained(tmp_path, safe_serialization=safe)
+    ours = load_clip(tmp_path).eval()
+    assert (ours.width, len(ours.blocks), ours.heads, ours.patch_size, ours.image_size, ours.output_dim) == (
+        shape["width"], shape["layers"], shape["heads"], shape["patch"], shape["image"], shape["proj"])
+    x = images(2, shape["image"])
+    with torch.no_grad():
+        ref = hf(pixel_values=x, output_hidden_states=True)
+        assert (ours(x) - ref.image_embeds).abs().max() < 1e-4
+        if shape["width"] == 64:  # every layer's hidden states, not just the end
+            for a, b in zip(ours.hidden_states(x), ref.hidden_states, strict=True):
+                assert (a - b).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("cls", ["CLIPVisionModel", "CLIPModel"])
+def test_hugging_face_other_classes(tmp_path, cls):
+    if cls == "CLIPModel":
+        config = transformers.CLIPConfig(
+            text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
+            vision_config=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                               patch_size=8, image_size=32, hidden_act="quick_gelu"), projection_dim=40)
+        torch.manual_seed(0)
+        hf = transformers.CLIPModel(config).eval()
+    else:
+        hf = hf_vision(tmp_path, width=64, layers=2, heads=2, patch=8, image=32, proj=48, cls=cls)
+    hf.save_pretrained(tmp_path)
+    ours = load_clip(tmp_path / "model.safetensors").eval()
+    x = images(2)
+    with torch.no_grad():
+        ref = hf.get_image_features(pixel_values=x) if cls == "CLIPModel" else hf(pixel_values=x).pooler_output
+        ref = getattr(ref, "pooler_output", ref)
+        assert (ours(x) - ref).abs().max() < 1e-4
+
+
+class FullCLIP(nn.Module):
+    """An OpenAI-layout CLIP: the image encoder under `visual.` beside a stand-in text tower."""
+
+    def __init__(self, visual):
+        super().__init__()
+        self.visual = visual
+        self.token_embedding = nn.Embedding(10, 8)
+
+    def forward(self, x):
+        return self.visual(x)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
+def test_openai_formats_round_trip(tmp_path):
+    model = tiny_model()
+    x = images()
+    with torch.no_grad():
+        want = model(x)
+    full = FullCLIP(model)
+    torch.jit.save(torch.jit.trace(full, x), tmp_path / "ViT-tiny.pt")  # OpenAI's TorchScript archive
+    torch.save(full.state_dict(), tmp_path / "full.pt")  # full CLIP, `visual.` prefix
+    torch.save(model.state_dict(), tmp_path / "visual.pt")  # image encoder only, no prefix
+    for path in ("ViT-tiny.pt", "full.pt", "visual.pt"):
+        with torch.no_grad():
+            got = load_clip(tmp_path / path, heads=2)(x)
+        assert torch.equal(got, want), path
+    fp16 = {k: v.half() for k, v in model.state_dict().items()}
+    loaded = load_clip(fp16, heads=2)
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    rounded = tiny_model()
+    rounded.load_state_dict({k: v.float() for k, v in fp16.items()})
+    with torch.no_grad():
+        assert torch.equal(loaded(x), rounded(x))
+
+
+def test_heads_default_to_openai_rule():
+    model = load_clip(tiny_model(width=128, heads=2).state_dict())
+    assert model.heads == 2  # 128 // 64
+
+
+def test_hidden_states_end_in_forward():
+    model, x = tiny_model(), images()
+    with torch.no_grad():
+        states = model.hidden_states(x)
+        assert len(states) == TINY["layers"] + 1
+        assert torch.allclose(model.head(states[-1][:, 0]), model(x), atol=1e-6)
+
+
+def test_bf16_autocast_close_to_fp32():
+    model, x = tiny_model(), images()
+    with torch.no_grad():
+        want = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = model(x)
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - want).abs().max() < 0.05 * want.abs().max()
+
+
+def bad(tmp_path, name, state_dict):
+    torch.save(state_dict, tmp_path / name)
+    with pytest.raises(CheckpointError) as err:
+        load_clip(tmp_path / name)
+    return str(err.value)
+
+
+def test_bad_checkpoints_get_clear_errors(tmp_path):
+    sd = tiny_model().state_dict()
+    (tmp_path / "notes.pt").write_text("this is not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"notes\.pt: not a readable checkpoint"):
+        load_clip(tmp_path / "notes.pt")
+    torch.save(sd, tmp_path / "whole.pt")
+    (tmp_path / "truncated.pt").write_bytes((tmp_path / "whole.pt").read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match=r"truncated\.pt: not a readable checkpoint"):
+        load_clip(tmp_path / "truncated.pt")
+    with pytest.raises(CheckpointError, match="no such file"):
+        load_clip(tmp_path / "absent.pt")
+
+    msg = bad(tmp_path, "missing.pt", {k: v for k, v in sd.items() if k != "transformer.resblocks.1.ln_2.weight"})
+    assert "missing.pt" in msg and "missing keys (1): transformer.resblocks.1.ln_2.weight" in msg
+    msg = bad(tmp_path, "extra.pt", {**sd, "transformer.resblocks.0.attn.gate": torch.zeros(3)})
+    assert "unexpected keys (1): transformer.resblocks.0.attn.gate" in msg
+    msg = bad(tmp_path, "shape.pt", {**sd, "ln_post.weight": torch.ones(65)})
+    assert "shape mismatches (1): ln_post.weight: file (65,) vs model (64,)" in msg
+    msg = bad(tmp_path, "resnet.pt", {"visual.layer1.0.conv1.weight": torch.zeros(4, 4, 1, 1)})
+    assert "resnet.pt: no CLIP ViT image encoder" in msg
+    msg = bad(tmp_path, "wrapped.pt", {"model": sd, "step": 3})
+    assert "wrapped.pt: not a state dict of tensors" in msg
+
+
+def test_preprocess_against_hand_computation():
+    mean, std = np.array(CLIP_MEAN), np.array(CLIP_STD)
+    pixels = np.random.default_rng(0).integers(0, 256, size=(4, 6, 3), dtype=np.uint8)  # h=4, w=6
+    got = clip_preprocess(Image.fromarray(pixels), size=4)  # short side already 4: crop columns 1..4
+    want = (pixels[:, 1:5].astype(np.float64) / 255 - mean) / std
+    assert np.abs(got.permute(1, 2, 0).numpy() - want).max() < 1e-6
+
+    flat = Image.new("RGB", (30, 20), (200, 100, 50))  # bicubic of a constant image is that constant
+    got = clip_preprocess(flat, size=10)
+    want = (np.array([200, 100, 50]) / 255 - mean) / std
+    assert got.shape == (3, 10, 10) and np.abs(got.numpy() - want[:, None, None]).max() < 1e-6
+
+    gray = Image.fromarray(np.full((8, 8), 128, dtype=np.uint8), mode="L")  # grayscale becomes RGB
+    assert np.allclose(clip_preprocess(gray, size=8).numpy(), ((128 / 255 - mean) / std)[:, None, None], atol=1e-6)

@@ -1,0 +1,378 @@
+"""The built-in synthetic forgery benchmark: `python train.py` trains on it by default.
+
+No deepfake data ships with this project, so `SyntheticForgeries` draws face-like video
+frames (identity, pose, lighting, skin tone, background, camera noise, JPEG) and forges them
+with four families that imitate the artifacts of real methods: blending boundaries and colour
+mismatch (face swap), self-blending (SBI), low-resolution local re-synthesis (re-enactment),
+up-sampling checkerboards (decoders). `synthetic_splits` builds a cross-method protocol in the
+spirit of the paper's Protocol-2: train on some families, test on the same families and on
+held-out ones. Every frame is a pure function of (seed, index): no files, no global RNG.
+
+Letters: H, W image height and width, C = 3 colour channels; u, v face coordinates.
+"""
+import math
+from typing import NamedTuple
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+from data import FrameDataset, Sample, _jpeg
+
+FORGERY_METHODS = ("faceswap", "selfblend", "partial", "upsample")
+TRAIN_METHODS = ("faceswap", "selfblend")  # default Protocol-2-like split: train on these ...
+HELD_OUT_METHODS = ("partial", "upsample")  # ... and test on these as unseen methods
+
+
+# ----------------------------------------------------------------------------- synthetic faces
+# Faces are drawn in face coordinates (u right, v down; the face outline is an ellipse with
+# half-axes a, b around the origin); a pose maps image coordinates in [-1, 1] onto them.
+
+class Identity(NamedTuple):
+    """Who the face is: outline, colours (RGB in [0, 1]) and features, in face coordinates."""
+    a: float  # face half-width
+    b: float  # face half-height
+    jaw: float  # how much the outline narrows towards the chin
+    skin: np.ndarray  # (C,)
+    hair: np.ndarray  # (C,)
+    iris: np.ndarray  # (C,)
+    lips: np.ndarray  # (C,)
+    hair_style: int  # 0 bald, 1 short, 2 long
+    hairline: float  # v of the hairline
+    eye_u: float  # eyes centred at (+-eye_u, eye_v), half-width eye_w, half-height eye_h
+    eye_v: float
+    eye_w: float
+    eye_h: float
+    brow_v: float  # eyebrow height, thickness and arch
+    brow_t: float
+    brow_arch: float
+    nose_v: float  # nostrils at (+-nose_w / 2, nose_v)
+    nose_w: float
+    mouth_v: float  # mouth centred at (0, mouth_v), half-width, half-height
+    mouth_w: float
+    mouth_h: float
+    texture_seed: int  # skin pores
+
+
+class Pose(NamedTuple):
+    cx: float  # face centre in image coordinates
+    cy: float
+    scale: float
+    roll: float  # in-plane rotation (radians)
+    yaw: float  # left-right head turn: the inner features slide sideways
+    eye_open: float  # expression
+    mouth_open: float
+    smile: float
+    gaze: float
+
+
+class Scene(NamedTuple):
+    """What stays fixed in one video besides the face: backdrop, light, camera."""
+    backdrop: np.ndarray  # (3, C) top, bottom and clothes colours
+    backdrop_seed: int  # low-frequency backdrop texture
+    light: np.ndarray  # (3,) unit vector towards the light
+    ambient: float  # share of light that does not depend on the direction
+    gains: np.ndarray  # (C,) white balance
+    blur: float  # lens blur sigma, pixels at 128 px
+    noise: float  # sensor noise std
+    quality: int  # JPEG quality
+    pose: Pose  # the video's mean pose; its frames jitter around it
+
+
+class Face(NamedTuple):
+    image: np.ndarray  # (H, W, C) float32 RGB in [0, 1], before camera post-processing
+    u: np.ndarray  # (H, W) face coordinates of every pixel
+    v: np.ndarray
+    ident: Identity
+    pose: Pose
+
+
+_HAIR = np.float32([[.08, .06, .05], [.25, .15, .08], [.45, .3, .16], [.82, .68, .42], [.55, .25, .1], [.62, .62, .6]])
+_IRIS = np.float32([[.3, .18, .08], [.12, .08, .05], [.3, .45, .65], [.3, .45, .25], [.45, .35, .15]])
+# Scalars stay Python floats (rng.uniform() without a size) so that the drawing stays float32.
+
+
+def random_identity(rng) -> Identity:
+    tone = rng.uniform()  # light to dark skin
+    skin = ((1 - tone) * np.float32([.95, .8, .68]) + tone * np.float32([.4, .26, .17])) * rng.uniform(.94, 1.06, 3)
+    skin, eye_v = skin.astype(np.float32), rng.uniform(-.13, -.05)
+    return Identity(
+        a=rng.uniform(.5, .6), b=rng.uniform(.7, .8), jaw=rng.uniform(.15, .4),
+        skin=skin, hair=_HAIR[rng.integers(6)] * rng.uniform(.85, 1.15), iris=_IRIS[rng.integers(5)],
+        lips=skin * np.float32([.92, .62, .62]) * rng.uniform(.85, 1.05),
+        hair_style=int(rng.choice(3, p=[.1, .5, .4])), hairline=rng.uniform(-.62, -.45),
+        eye_u=rng.uniform(.19, .25), eye_v=eye_v, eye_w=rng.uniform(.09, .12), eye_h=rng.uniform(.045, .06),
+        brow_v=eye_v - rng.uniform(.1, .14), brow_t=rng.uniform(.025, .05), brow_arch=rng.uniform(0, .05),
+        nose_v=rng.uniform(.15, .24), nose_w=rng.uniform(.06, .09),
+        mouth_v=rng.uniform(.37, .46), mouth_w=rng.uniform(.14, .2), mouth_h=rng.uniform(.03, .045),
+        texture_seed=int(rng.integers(2**31)))
+
+
+def random_scene(rng) -> Scene:
+    light = np.float32([rng.uniform(-.7, .7), rng.uniform(-.6, .3), 1])
+    pose = Pose(cx=rng.uniform(-.06, .06), cy=rng.uniform(-.02, .08), scale=rng.uniform(.9, 1.05),
+                roll=rng.uniform(-.15, .15), yaw=rng.uniform(-.4, .4), eye_open=rng.uniform(.7, 1),
+                mouth_open=rng.uniform(0, .4) * (rng.random() < .5), smile=rng.uniform(-.2, .6), gaze=0.)
+    backdrop = rng.uniform(.2, .8, (3, 1)) + rng.uniform(-.25, .25, (3, 3))  # muted colours
+    return Scene(backdrop=np.clip(backdrop, 0, 1).astype(np.float32), backdrop_seed=int(rng.integers(2**31)),
+                 light=light / np.linalg.norm(light), ambient=rng.uniform(.35, .6),
+                 gains=rng.uniform(.92, 1.08, 3).astype(np.float32), blur=rng.uniform(0, .8),
+                 noise=rng.uniform(.004, .025), quality=int(rng.integers(60, 96)), pose=pose)
+
+
+def jitter_pose(p: Pose, rng) -> Pose:
+    """One frame of a video: small head motion, changing expression, now and then a blink."""
+    n = rng.normal(size=6).tolist()
+    return p._replace(cx=p.cx + .015 * n[0], cy=p.cy + .015 * n[1], scale=p.scale * (1 + .015 * n[2]),
+                      roll=p.roll + .03 * n[3], yaw=p.yaw + .05 * n[4],
+                      eye_open=.12 if rng.random() < .05 else min(max(p.eye_open + .1 * n[5], .5), 1.),
+                      mouth_open=max(0., p.mouth_open + rng.uniform(-.15, .15)), gaze=rng.uniform(-.3, .3))
+
+
+def _ellipse(u, v, cu, cv, au, av, aa):
+    """Soft ellipse: 1 inside, 0 outside, an anti-aliasing ramp of width ~aa at the outline."""
+    d = np.sqrt(((u - cu) / au) ** 2 + ((v - cv) / av) ** 2)
+    return np.clip((1 - d) * min(au, av) / aa, 0, 1)
+
+
+def _paint(img, alpha, colour):
+    """'Over' compositing in place, on the band of rows that the shape covers."""
+    rows = np.flatnonzero(alpha.max(1) > 0)
+    if rows.size:
+        band = slice(rows[0], rows[-1] + 1)
+        colour = colour[band] if np.ndim(colour) == 3 else colour
+        img[band] += alpha[band, :, None] * (colour - img[band])
+
+
+def _resize(img, size, resample):  # (H, W, C) float32 -> (size, size, C), channel by channel
+    channels = [Image.fromarray(img[..., c]).resize((size, size), resample) for c in range(3)]
+    return np.stack([np.asarray(c) for c in channels], -1)
+
+
+def render_face(ident: Identity, scene: Scene, pose: Pose, size: int) -> Face:
+    """Draw a face-like frame: backdrop, clothes, neck, ears, textured skin, nose, mouth, eyes,
+    brows and hair, painted back to front as anti-aliased soft shapes, then lit as an ellipsoid."""
+    i, (top, bottom, clothes) = ident, scene.backdrop
+    t = (np.arange(size, dtype=np.float32) + .5) * (2 / size) - 1
+    x, y = np.meshgrid(t, t)  # (H, W) image coordinates in [-1, 1]
+    c, s = math.cos(pose.roll), math.sin(pose.roll)
+    xs, ys = (x - pose.cx) / pose.scale, (y - pose.cy) / pose.scale
+    u, v = c * xs + s * ys, c * ys - s * xs  # (H, W) face coordinates
+    aa = 3 / (size * pose.scale)  # 1.5 pixels in face units
+    texture = np.random.default_rng(scene.backdrop_seed).uniform(-.08, .08, (5, 5, 3)).astype(np.float32)
+    img = top + (y[..., None] + 1) / 2 * (bottom - top) + _resize(texture, size, Image.BILINEAR)  # (H, W, C)
+    pores = np.random.default_rng(i.texture_seed).standard_normal((size, size), dtype=np.float32)
+    iu, iv = (np.clip(((w + 1) * size / 2).astype(int), 0, size - 1) for w in (u, v))
+    pores = pores[iv, iu]  # (H, W) the texture moves with the face
+    skin = i.skin * (1 + .025 * pores)[..., None]  # (H, W, C)
+    strands = i.hair * (1 + .12 * np.sin(70 * u + 6 * np.sin(9 * v)) + .05 * pores)[..., None]
+    body = np.zeros_like(u)  # where the light model applies: head, hair, neck
+
+    def paint(alpha, colour, lit=False):
+        _paint(img, alpha, colour)
+        if lit:
+            np.maximum(body, alpha, out=body)
+
+    if i.hair_style == 2:  # long hair, behind the head
+        paint(_ellipse(u, v, 0, .12, i.a + .2, i.b + .2, aa) * np.clip((.95 - v) / aa, 0, 1), strands, lit=True)
+    paint(_ellipse(u, v, 0, i.b + .62, 1.2, .45, aa), clothes)
+    paint(np.clip((i.a * .5 - np.abs(u)) / aa, 0, 1) * np.clip((v - .2) / aa, 0, 1), skin * .85, lit=True)  # neck
+    for side in (-1, 1):
+        paint(_ellipse(u, v, side * (i.a - .02), i.eye_v + .12, .08, .16, aa), skin * .92, lit=True)  # ears
+    half_width = i.a * (1 - i.jaw * np.clip(v / i.b, 0, 1) ** 2)  # (H, W) the jaw narrows to the chin
+    paint(np.clip((1 - np.sqrt((u / half_width) ** 2 + (v / i.b) ** 2)) * i.a / aa, 0, 1), skin, lit=True)
+
+    fu = u - .12 * pose.yaw  # inner features slide sideways when the head turns
+    for side in (-1, 1):  # cheeks
+        paint(.12 * _ellipse(fu, v, side * .3, i.mouth_v - .15, .12, .08, .05), np.float32([.85, .35, .35]))
+    shadow_u = .04 * float(np.sign(scene.light[0])) - .02  # nose: side shadow, tip shadow, nostrils
+    paint(.1 * _ellipse(fu, v, shadow_u, i.nose_v - .1, i.nose_w * .5, .18, .04), skin * .6)
+    paint(.15 * _ellipse(fu, v, 0, i.nose_v + .02, i.nose_w * .8, .04, .02), skin * .55)
+    for side in (-1, 1):
+        paint(.8 * _ellipse(fu, v, side * i.nose_w * .5, i.nose_v, .03, .018, aa), skin * .35)
+    mv = v - i.mouth_v + pose.smile * .04 * ((fu / i.mouth_w) ** 2 - .5)  # a smile lifts the corners
+    paint(_ellipse(fu, mv, 0, 0, i.mouth_w, i.mouth_h * (1 + pose.mouth_open), aa), i.lips)
+    gap = _ellipse(fu, mv, 0, 0, i.mouth_w * .85, max(i.mouth_h * pose.mouth_open, .006), aa)
+    paint(gap, np.float32([.25, .06, .06]) if pose.mouth_open > .1 else i.lips * .55)
+    for side in (-1, 1):
+        du, dv = (fu - side * i.eye_u) / i.eye_w, (v - i.eye_v) / i.eye_h
+        lid = pose.eye_open * (1 - du ** 2)  # almond-shaped opening: |dv| < lid
+        eye = np.clip((lid - np.abs(dv)) * i.eye_h / aa, 0, 1) * (np.abs(du) < 1)
+        iris_u = side * i.eye_u + pose.gaze * i.eye_w * .4
+        paint(.15 * _ellipse(fu, v, side * i.eye_u, i.eye_v - .01, i.eye_w * 1.5, i.eye_h * 2.4, .05), skin * .6)
+        paint(eye, np.float32([.92, .9, .88]))
+        paint(eye * _ellipse(fu, v, iris_u, i.eye_v, i.eye_h * .85, i.eye_h * .85, aa), i.iris)
+        paint(eye * _ellipse(fu, v, iris_u, i.eye_v, i.eye_h * .4, i.eye_h * .4, aa), np.zeros(3, np.float32))
+        lashes = np.clip((.3 - np.abs(dv + lid + .15)) * i.eye_h / aa, 0, 1) * (np.abs(du) < 1.05)
+        paint(.85 * lashes, np.float32([.1, .07, .06]))
+        bu = (fu - side * i.eye_u * 1.05) / (i.eye_w * 1.3)
+        half_thickness = i.brow_t * (1 - .4 * bu ** 2) / 2
+        brow = np.clip((half_thickness - np.abs(v - i.brow_v + i.brow_arch * (1 - bu ** 2))) / aa, 0, 1)
+        paint(.9 * brow * np.clip((1 - np.abs(bu)) * i.eye_w / aa, 0, 1), i.hair * .8)
+    if i.hair_style > 0:  # hair on top, down to a hairline that dips at the temples
+        hairline = i.hairline + .3 * (u / i.a) ** 4 + .03 * np.sin(14 * u)
+        paint(_ellipse(u, v, 0, -.04, i.a + .06, i.b + .1, aa) * np.clip((hairline - v) / aa, 0, 1), strands, lit=True)
+
+    nu, nv = u / (i.a + .1), (v + .05) / (i.b + .15)  # (H, W) the head as an ellipsoid
+    normal = np.stack([nu, nv, np.sqrt(np.clip(1 - nu ** 2 - nv ** 2, .02, 1))], -1)  # (H, W, 3)
+    shade = scene.ambient + (1 - scene.ambient) * np.clip(normal @ scene.light, 0, 1)  # Lambert
+    img *= (1 + body * (shade - 1))[..., None]
+    return Face(np.clip(img * scene.gains, 0, 1).astype(np.float32), u, v, ident, pose)
+
+
+def camera(img: np.ndarray, scene: Scene, rng) -> Image.Image:
+    """Real-camera post-processing, after any forgery, for reals and fakes alike: lens blur,
+    sensor noise, JPEG compression (so that compression cannot tell them apart)."""
+    if scene.blur > 0:
+        img = _blur(img, scene.blur)
+    img = img + scene.noise * rng.standard_normal(img.shape, dtype=np.float32)
+    img = Image.fromarray(np.clip(img * 255 + .5, 0, 255).astype(np.uint8))
+    return _jpeg(img, np.clip(scene.quality + rng.integers(-3, 4), 30, 100))
+
+
+def _blur(img, sigma_at_128):  # Gaussian blur of an (H, W, C) image, sigma scaled with the size
+    sigma = sigma_at_128 * img.shape[0] / 128
+    return ndimage.gaussian_filter(img, (sigma, sigma, 0))
+
+
+# ----------------------------------------------------------------------------- forgery families
+# Each family maps a clean rendered face to (fake, mask): the fake (H, W, C) before camera
+# post-processing and the soft blending mask (H, W) in [0, 1]. Outside the mask's support the
+# fake equals the face exactly. `strength` in [0, 1] scales how visible the artifact is.
+
+def blend_mask(face: Face, rng, centre, axes, feather) -> np.ndarray:
+    """Soft mask in face coordinates: an ellipse with a wobbly outline (like a deformed landmark
+    hull), 1 well inside, a smooth ramp of relative width `feather`, exactly 0 outside."""
+    du, dv = (face.u - centre[0]) / axes[0], (face.v - centre[1]) / axes[1]
+    angle = np.arctan2(dv, du)
+    wobble = 1 + sum(rng.uniform(0, .05) * np.cos(k * angle + rng.uniform(0, 2 * np.pi)) for k in (2, 3, 5))
+    m = np.clip((1 - np.hypot(du, dv) * wobble) / feather, 0, 1)
+    return (m * m * (3 - 2 * m)).astype(np.float32)  # smoothstep
+
+
+def _blend(face: Face, other: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    return face.image + mask[..., None] * (other.astype(np.float32) - face.image)
+
+
+def forge_faceswap(face: Face, donor: np.ndarray, rng, strength: float):
+    """FaceSwap / Deepfakes (FF++): another identity's inner face, rendered in the target's
+    pose, pasted through a feathered ellipse. The donor is smoothed (autoencoder output is
+    blurry) and only partly colour-corrected: a colour mismatch and a visible-ish seam."""
+    i, centre_u = face.ident, .12 * face.pose.yaw
+    mask = blend_mask(face, rng, (centre_u, (i.brow_v + i.mouth_v) / 2 + .04),
+                      (i.eye_u + i.eye_w + .1, (i.mouth_v - i.brow_v) / 2 + .14), feather=.45 - .35 * strength)
+    donor = _blur(donor, rng.uniform(.3, .6 + .8 * strength))
+    inside = mask > .5
+    shift = face.image[inside].mean(0) - donor[inside].mean(0)  # colour transfer, left unfinished
+    donor = donor + (1 - rng.uniform(.1, .4) * strength) * shift
+    tint = 1 + strength * rng.uniform(.03, .08, 3) * rng.choice([-1, 1], 3)
+    return _blend(face, donor * tint, mask), mask
+
+
+def forge_selfblend(face: Face, rng, strength: float):
+    """Self-blended image (Shiohara & Yamasaki, CVPR 2022, SBI): a slightly altered copy of the
+    same face (colour jitter, small shift and scale, blur or sharpening) blended back into it
+    through a soft, randomly deformed mask; the fake differs from the face only inside it."""
+    i, size = face.ident, face.image.shape[0]
+    src = face.image * (1 + strength * rng.uniform(-.08, .08, 3)) + strength * rng.uniform(-.04, .04)
+    scale, (tu, tv) = 1 + strength * rng.uniform(-.04, .04), strength * rng.uniform(-.03, .03, 2)
+    centre = (size - 1) / 2  # output pixel p samples src at scale * (p - centre) + centre - shift
+    offset = [centre * (1 - scale) - tv * size / 2, centre * (1 - scale) - tu * size / 2, 0]
+    src = ndimage.affine_transform(src, [scale, scale, 1], offset, order=1, mode="nearest")
+    blurred = _blur(src, rng.uniform(.4, 1.2))
+    src = blurred if rng.random() < .5 else src + strength * (src - blurred)  # blur or unsharp mask
+    mask = blend_mask(face, rng, (.12 * face.pose.yaw, rng.uniform(0, .1)),
+                      (i.a * rng.uniform(.7, .9), i.b * rng.uniform(.65, .85)), feather=rng.uniform(.15, .5))
+    mask *= rng.choice([.25, .5, .75, 1, 1, 1])  # SBI's blend ratios
+    return _blend(face, src, mask), mask
+
+
+def forge_partial(face: Face, driver: np.ndarray, rng, strength: float):
+    """NeuralTextures / Face2Face (FF++) expression re-enactment: the mouth (and/or the eyes)
+    is re-synthesised at low resolution from a driver (the same face with another expression)
+    and pasted back through a soft mask, so that region lacks fine detail."""
+    i, size, centre_u = face.ident, face.image.shape[0], .12 * face.pose.yaw
+    mouth = blend_mask(face, rng, (centre_u, i.mouth_v), (i.mouth_w * 1.7, i.mouth_h * 4 + .06), rng.uniform(.2, .5))
+    eyes = blend_mask(face, rng, (centre_u, i.eye_v - .02), (i.eye_u + i.eye_w * 1.8, i.eye_h * 3.5 + .03),
+                      rng.uniform(.2, .5))
+    mask = [mouth, mouth, mouth, eyes, np.maximum(mouth, eyes)][rng.integers(5)]
+    low = max(8, round(size / (1.5 + 2.5 * strength)))  # 1/1.5 to 1/4 of the resolution
+    return _blend(face, _resize(_resize(driver, low, Image.BOX), size, Image.BILINEAR), mask), mask
+
+
+def forge_upsample(face: Face, rng, strength: float):
+    """Decoder up-sampling artifacts (GAN / autoencoder decoders, e.g. Deepfakes' decoder,
+    StyleGAN-based swaps): the face is re-rendered at half resolution and up-sampled by
+    transposed-convolution-like steps whose uneven kernel overlap leaves a periodic gain: a
+    checkerboard, i.e. a spectral peak at Nyquist, plus one at half-Nyquist for two steps."""
+    i, size = face.ident, face.image.shape[0]
+    amp, two_steps, k = .01 + .03 * strength, rng.random() < .5, np.arange(size)
+    gain = 1 + amp * (np.cos(np.pi * k) + two_steps * np.cos(np.pi * k / 2))  # (H,), the same along W
+    decoded = _resize(_resize(face.image, size // 2, Image.BOX), size, Image.BILINEAR)
+    mask = blend_mask(face, rng, (.12 * face.pose.yaw, .02), (i.a * .9, i.b * .9), rng.uniform(.2, .4))
+    return _blend(face, decoded * gain[:, None, None] * gain[None, :, None], mask), mask
+
+
+# ----------------------------------------------------------------------------- synthetic data set
+
+_IDENTITY, _SCENE, _FORGERY, _FRAME, _CAMERA = range(5)  # independent random streams (and _AUGMENT)
+
+
+class SyntheticForgeries(FrameDataset):
+    """The built-in benchmark: `num_videos` videos of `frames_per_video` frames each. Videos
+    are real in proportion `real_fraction` (interleaved); fakes cycle through `methods`. Each
+    frame is drawn from (seed, index) alone: the same index gives the same image in every
+    epoch and worker. Per video: one identity, scene and forgery (strength drawn uniformly
+    from `strength`); per frame: head motion, expression, camera noise and JPEG."""
+
+    def __init__(self, *, methods, num_videos, frames_per_video, image_size, seed,
+                 augment=None, real_fraction=0.5, strength=(.2, 1.)):
+        unknown = [m for m in methods if m not in FORGERY_METHODS]
+        if unknown or not methods:
+            raise ValueError(f"unknown forgery methods {unknown}; choose from {FORGERY_METHODS}")
+        super().__init__(image_size=image_size, augment=augment, seed=seed)
+        self.methods, self.frames_per_video, self.strength = tuple(methods), frames_per_video, strength
+        for video in range(num_videos):
+            reals_before = math.floor(video * real_fraction)
+            real = math.floor((video + 1) * real_fraction) > reals_before
+            method = "real" if real else self.methods[(video - reals_before) % len(self.methods)]
+            for f in range(frames_per_video):
+                self.samples.append(Sample(f"synthetic:{seed}/{video * frames_per_video + f}", int(not real),
+                                           f"synthetic:{seed}/{method}/{video:05d}", method))
+
+    def image(self, index: int) -> Image.Image:
+        """Frame `index` as the camera delivers it: before augmentation and resizing."""
+        video, f = divmod(int(index), self.frames_per_video)
+        method, size = self.samples[index].method, self.image_size
+        ident = random_identity(np.random.default_rng((self.seed, _IDENTITY, video)))
+        scene = random_scene(np.random.default_rng((self.seed, _SCENE, video)))
+        frame_rng = np.random.default_rng((self.seed, _FRAME, video, f))
+        pose = jitter_pose(scene.pose, frame_rng)
+        face = render_face(ident, scene, pose, size)
+        img = face.image
+        rng = np.random.default_rng((self.seed, _FORGERY, video))  # the same forgery in every frame
+        strength = rng.uniform(*self.strength)
+        if method == "faceswap":
+            img, _ = forge_faceswap(face, render_face(random_identity(rng), scene, pose, size).image, rng, strength)
+        elif method == "selfblend":
+            img, _ = forge_selfblend(face, rng, strength)
+        elif method == "partial":  # the driver's expression changes from frame to frame
+            driver = pose._replace(mouth_open=frame_rng.uniform(0, .6), smile=frame_rng.uniform(-.3, .7))
+            img, _ = forge_partial(face, render_face(ident, scene, driver, size).image, rng, strength)
+        elif method == "upsample":
+            img, _ = forge_upsample(face, rng, strength)
+        return camera(img, scene, np.random.default_rng((self.seed, _CAMERA, video, f)))
+
+
+def synthetic_splits(*, image_size, seed, train_videos, test_videos, frames_per_video,
+                     train_methods=TRAIN_METHODS, test_methods=HELD_OUT_METHODS, augment=None) -> dict:
+    """The cross-method protocol (after the paper's Protocol-2): "train" and "in_domain" use
+    `train_methods`, "cross_method" the held-out `test_methods`; each split has its own seed,
+    hence its own identities, scenes and video ids. By default the detector trains on
+    blending forgeries (face swap, self-blend) and meets unseen ones that share the blending
+    seam but add a new cue: low-resolution local re-synthesis, up-sampling checkerboards."""
+    common = dict(image_size=image_size, frames_per_video=frames_per_video)
+    return {"train": SyntheticForgeries(methods=train_methods, num_videos=train_videos, seed=seed,
+                                        augment=augment, **common),
+            "in_domain": SyntheticForgeries(methods=train_methods, num_videos=test_videos, seed=seed + 1, **common),
+            "cross_method": SyntheticForgeries(methods=test_methods, num_videos=test_videos, seed=seed + 2, **common)}

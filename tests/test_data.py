@@ -1,0 +1,343 @@
+"""Tests of data.py: each synthetic forgery family leaves the artifact it claims (checked with
+pixel masks, a Laplacian and an FFT), generation is deterministic, the protocol's splits are
+disjoint, the disk loaders read small layouts written here, and the preprocessing matches a
+hand computation."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import synthetic
+
+SIZE = 96  # small frames keep the whole file fast
+
+
+def _face(seed, size=SIZE):
+    rng = np.random.default_rng(seed)
+    ident, scene = synthetic.random_identity(rng), synthetic.random_scene(rng)
+    return synthetic.render_face(ident, scene, scene.pose, size), scene, rng
+
+
+def _laplacian_energy(gray, region):  # 4-neighbour Laplacian, written out
+    lap = 4 * gray[1:-1, 1:-1] - gray[:-2, 1:-1] - gray[2:, 1:-1] - gray[1:-1, :-2] - gray[1:-1, 2:]
+    return float((lap[region[1:-1, 1:-1]] ** 2).mean())
+
+
+# ----------------------------------------------------------------------------- forgery families
+
+@pytest.mark.parametrize("seed", range(4))
+def test_selfblend_differs_from_its_source_only_inside_the_mask(seed):
+    face, _, _ = _face(seed)
+    fake, mask = synthetic.forge_selfblend(face, np.random.default_rng(seed), strength=1.0)
+    outside, inside = mask == 0, mask > 0.2
+    assert outside.mean() > 0.3 and inside.any()
+    np.testing.assert_array_equal(fake[outside], face.image[outside])  # bit for bit
+    assert np.abs(fake - face.image)[inside].mean() > 1e-3
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_faceswap_changes_colour_statistics_inside_the_mask(seed):
+    face, scene, rng = _face(seed)
+    donor = synthetic.render_face(synthetic.random_identity(rng), scene, face.pose, SIZE).image
+    fake, mask = synthetic.forge_faceswap(face, donor, np.random.default_rng(seed), strength=1.0)
+    np.testing.assert_array_equal(fake[mask == 0], face.image[mask == 0])
+    inside = mask > 0.9
+    assert np.abs(fake[inside].mean(0) - face.image[inside].mean(0)).max() > 0.02  # mean colour moved
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_partial_resynthesis_has_less_high_frequency_energy_in_its_region(seed):
+    face, _, _ = _face(seed)
+    fake, mask = synthetic.forge_partial(face, face.image, np.random.default_rng(seed), strength=1.0)
+    region = mask > 0.99
+    assert region.sum() > 50
+    assert _laplacian_energy(fake.mean(-1), region) < 0.3 * _laplacian_energy(face.image.mean(-1), region)
+    np.testing.assert_array_equal(fake[mask == 0], face.image[mask == 0])
+
+
+def test_upsample_adds_a_spectral_peak_at_nyquist():
+    window = np.outer(np.hanning(SIZE), np.hanning(SIZE))  # removes the FFT's wrap-around edges
+
+    def power(img):
+        gray = img.mean(-1)
+        return np.abs(np.fft.fft2((gray - gray.mean()) * window)) ** 2
+
+    def near(p, k):  # energy around (k, 0) and (0, k): a vertical and a horizontal period N / k
+        return p[k - 2:k + 3, :3].sum() + p[k - 2:k + 3, -2:].sum() + p[:3, k - 2:k + 3].sum() + p[-2:, k - 2:k + 3].sum()
+
+    half_nyquist_ratios = []
+    for seed in range(8):
+        face, _, _ = _face(seed)
+        fake, _ = synthetic.forge_upsample(face, np.random.default_rng(seed), strength=1.0)
+        p_fake, p_face = power(fake), power(face.image)
+        assert near(p_fake, SIZE // 2) > 20 * near(p_face, SIZE // 2)
+        half_nyquist_ratios.append(near(p_fake, SIZE // 4) / near(p_face, SIZE // 4))
+    assert max(half_nyquist_ratios) > 3  # the two-step decoders also peak at half-Nyquist
+
+
+# ----------------------------------------------------------------------------- synthetic data set
+
+def _synthetic(**kw):
+    args = dict(methods=synthetic.FORGERY_METHODS, num_videos=10, frames_per_video=3, image_size=SIZE, seed=7)
+    return synthetic.SyntheticForgeries(**{**args, **kw})
+
+
+def test_synthetic_same_seed_and_index_give_identical_tensors():
+    a, b = _synthetic(), _synthetic()
+    for i in (0, 4, 17, 29):
+        torch.testing.assert_close(a[i]["image"], b[i]["image"], rtol=0, atol=0)
+        torch.testing.assert_close(a[i]["image"], a[i]["image"], rtol=0, atol=0)
+    assert not torch.equal(a[0]["image"], a[1]["image"])  # next frame of the same video
+    assert not torch.equal(a[0]["image"], a[3]["image"])  # another video
+    assert not torch.equal(a[0]["image"], _synthetic(seed=8)[0]["image"])
+
+
+def test_synthetic_frames_of_a_video_are_close_and_other_videos_are_not():
+    ds = _synthetic(methods=["selfblend"], real_fraction=1.0)
+    frames = [np.asarray(ds.image(i), dtype=np.float32) for i in range(9)]  # 3 videos x 3 frames
+    same = np.mean([np.abs(frames[v * 3] - frames[v * 3 + 1]).mean() for v in range(3)])
+    other = np.mean([np.abs(frames[v * 3] - frames[(v + 1) % 3 * 3]).mean() for v in range(3)])
+    assert same < 0.5 * other
+
+
+def test_synthetic_labels_methods_and_video_ids():
+    ds = _synthetic(num_videos=12, frames_per_video=2)
+    items = [ds[i] for i in range(len(ds))]
+    assert len(ds) == 24 and sum(x["label"] for x in items) == 12  # real_fraction 0.5, exactly
+    for x in items:
+        assert x["label"] == int(x["method"] != "real")
+        assert x["image"].shape == (3, SIZE, SIZE) and x["image"].dtype == torch.float32
+    videos = [x["video"] for x in items]
+    assert all(videos[2 * v] == videos[2 * v + 1] for v in range(12)) and len(set(videos)) == 12
+    fake_methods = [x["method"] for x in items[::2] if x["label"] == 1]
+    assert fake_methods == list(synthetic.FORGERY_METHODS) + list(synthetic.FORGERY_METHODS[:2])  # cycles
+    assert [x["source"] for x in items[:2]] == ["synthetic:7/0", "synthetic:7/1"]
+
+
+def test_synthetic_splits_are_disjoint_and_hold_out_methods():
+    splits = synthetic.synthetic_splits(image_size=SIZE, seed=3, train_videos=8, test_videos=6, frames_per_video=2)
+    videos = {name: {s.video for s in ds.samples} for name, ds in splits.items()}
+    assert not videos["train"] & videos["in_domain"] and not videos["train"] & videos["cross_method"]
+    assert not videos["in_domain"] & videos["cross_method"]
+    methods = {name: {s.method for s in ds.samples} - {"real"} for name, ds in splits.items()}
+    assert methods["train"] == methods["in_domain"] == set(synthetic.TRAIN_METHODS)
+    assert methods["cross_method"] == set(synthetic.HELD_OUT_METHODS)
+    assert not set(synthetic.TRAIN_METHODS) & set(synthetic.HELD_OUT_METHODS)
+    assert not torch.equal(splits["train"][0]["image"], splits["in_domain"][0]["image"])  # other identities
+
+
+def test_synthetic_default_collate_and_workers_agree_with_direct_indexing():
+    ds = _synthetic(num_videos=4, frames_per_video=2)
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2)
+    batches = list(loader)
+    assert batches[0]["label"].tolist() == [ds.samples[i].label for i in range(4)]
+    assert batches[1]["video"] == [ds.samples[i].video for i in range(4, 8)]
+    torch.testing.assert_close(batches[1]["image"][3], ds[7]["image"], rtol=0, atol=0)
+
+
+def test_synthetic_augmentation_is_reproducible_and_changes_with_the_epoch():
+    ds = _synthetic(augment=data.Augment(p=0.5))
+    first = ds[5]["image"]
+    torch.testing.assert_close(ds[5]["image"], first, rtol=0, atol=0)
+    changed = []
+    for epoch in range(1, 4):
+        ds.set_epoch(epoch)
+        changed.append(not torch.equal(ds[5]["image"], first))
+    assert any(changed)
+    ds.set_epoch(0)
+    torch.testing.assert_close(ds[5]["image"], first, rtol=0, atol=0)
+
+
+def test_synthetic_rejects_unknown_methods():
+    with pytest.raises(ValueError, match="nosuchmethod"):
+        _synthetic(methods=["faceswap", "nosuchmethod"])
+
+
+# ----------------------------------------------------------------------------- data on disk
+
+def _write_video(folder, n, suffix=".png"):
+    folder.mkdir(parents=True)
+    for k in range(n):
+        Image.new("RGB", (8, 8), (k * 20, 0, 0)).save(folder / f"{k:03d}{suffix}")
+
+
+def test_frame_folder_counts_labels_even_sampling_and_unique_video_ids(tmp_path):
+    _write_video(tmp_path / "real" / "000", 10)
+    _write_video(tmp_path / "real" / "001", 3, ".jpg")
+    _write_video(tmp_path / "fake" / "Deepfakes" / "000_003", 5)
+    _write_video(tmp_path / "fake" / "Face2Face" / "000_003", 5)
+    _write_video(tmp_path / "fake" / "loose_video", 2)  # no method folder
+    (tmp_path / "fake" / ".ipynb_checkpoints").mkdir()  # hidden: ignored, not an empty video
+    ds = data.FrameFolder(tmp_path, frames_per_video=4, image_size=16)
+    by_video = {}
+    for s in ds.samples:
+        by_video.setdefault(s.video, []).append(s)
+    assert set(by_video) == {"real/000", "real/001", "fake/Deepfakes/000_003", "fake/Face2Face/000_003",
+                             "fake/loose_video"}
+    picked = [int(s.source[-7:-4]) for s in by_video["real/000"]]
+    assert picked == [0, 3, 6, 9] == np.linspace(0, 9, 4).astype(int).tolist()
+    assert [len(by_video[v]) for v in sorted(by_video)] == [4, 4, 2, 4, 3]
+    assert {(s.label, s.method) for s in by_video["fake/Deepfakes/000_003"]} == {(1, "Deepfakes")}
+    assert {(s.label, s.method) for s in by_video["fake/loose_video"]} == {(1, "fake")}
+    assert {(s.label, s.method) for s in by_video["real/001"]} == {(0, "real")}
+    x = ds[0]
+    expected = data.to_input(Image.open(ds.samples[0].source).convert("RGB"), 16)
+    torch.testing.assert_close(x["image"], expected, rtol=0, atol=0)
+    assert x["source"] == ds.samples[0].source and x["video"] == ds.samples[0].video
+
+
+def test_frame_folder_errors_name_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        data.FrameFolder(tmp_path / "nowhere", frames_per_video=2, image_size=16)
+    _write_video(tmp_path / "real" / "000", 2)
+    with pytest.raises(FileNotFoundError, match="fake"):
+        data.FrameFolder(tmp_path, frames_per_video=2, image_size=16)
+    (tmp_path / "fake").mkdir()
+    with pytest.raises(ValueError, match="no video folders in .*fake"):
+        data.FrameFolder(tmp_path, frames_per_video=2, image_size=16)
+    (tmp_path / "fake" / "NeuralTextures" / "007").mkdir(parents=True)
+    with pytest.raises(ValueError, match="NeuralTextures.007"):
+        data.FrameFolder(tmp_path, frames_per_video=2, image_size=16)
+
+
+def _ff_json(tmp_path, compression_level):
+    """A DeepfakeBench-style JSON: FF++ nests a compression level, Celeb-DF does not."""
+    def video(label, folder, n, windows=False):
+        _write_video(tmp_path / "frames" / folder, n)
+        paths = [f"frames/{folder}/{k:03d}.png" for k in range(n)]
+        return {"label": label, "frames": [p.replace("/", "\\") for p in paths] if windows else paths}
+
+    def split(videos):
+        return {"c23": videos, "c40": {}} if compression_level else videos
+
+    info = {"FaceForensics++": {
+        "FF-real": {"train": split({"000": video("FF-real", "real_000", 10)}), "test": split({}), "val": split({})},
+        "FF-DF": {"train": split({"000_003": video("FF-DF", "df_000_003", 6, windows=True)}), "test": split({}),
+                  "val": split({})},
+        "FF-F2F": {"train": split({"000_003": video("FF-F2F", "f2f_000_003", 3)}), "test": split({}), "val": split({})},
+    }}
+    path = tmp_path / "FaceForensics++.json"
+    path.write_text(json.dumps(info))
+    return path
+
+
+@pytest.mark.parametrize("compression_level", [True, False])
+def test_deepfakebench_json_labels_video_ids_and_frame_sampling(tmp_path, compression_level):
+    path = _ff_json(tmp_path, compression_level)
+    ds = data.DeepfakeBenchJSON(path, dataset="FaceForensics++", split="train", frames_per_video=4, image_size=16)
+    videos = {}
+    for s in ds.samples:
+        videos.setdefault(s.video, []).append(s)
+    assert set(videos) == {"FF-real/000", "FF-DF/000_003", "FF-F2F/000_003"}
+    assert {(s.label, s.method) for s in videos["FF-real/000"]} == {(0, "real")}
+    assert {(s.label, s.method) for s in videos["FF-DF/000_003"]} == {(1, "FF-DF")}
+    assert [int(s.source[-7:-4]) for s in videos["FF-real/000"]] == np.linspace(0, 9, 4).round().astype(int).tolist()
+    assert len(videos["FF-DF/000_003"]) == 4 and len(videos["FF-F2F/000_003"]) == 3
+    assert ds[0]["image"].shape == (3, 16, 16)
+
+
+def test_deepfakebench_json_without_compression_and_label_fallback(tmp_path):
+    _write_video(tmp_path / "data" / "id0", 2)
+    _write_video(tmp_path / "data" / "id0_id1", 2)
+    info = {"Celeb-DF-v2": {
+        "CelebDFv2_real": {"test": {"id0": {"label": "CelebDFv2_real", "frames": ["id0/000.png", "id0/001.png"]}}},
+        "CelebDFv2_fake": {"test": {"id0_id1": {"label": "CelebDFv2_fake", "frames": ["id0_id1/000.png"]}}},
+        "WDF_Real_unlisted": {"test": {"x": {"label": "WDF_Real_unlisted", "frames": ["id0/001.png"]}}},
+    }}
+    path = tmp_path / "json" / "Celeb-DF-v2.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(info))
+    ds = data.DeepfakeBenchJSON(path, dataset="Celeb-DF-v2", split="test", frames_per_video=8, image_size=16,
+                                data_root=tmp_path / "data")
+    assert [(s.video, s.label, s.method) for s in ds.samples] == [
+        ("CelebDFv2_real/id0", 0, "real"), ("CelebDFv2_real/id0", 0, "real"),
+        ("CelebDFv2_fake/id0_id1", 1, "CelebDFv2_fake"), ("WDF_Real_unlisted/x", 0, "real")]
+    assert data.deepfakebench_label("DFDCP_FakeA") == 1 and data.deepfakebench_label("SomeNewFake") == 1
+
+
+def test_deepfakebench_json_missing_frames_name_the_json_and_the_file(tmp_path):
+    path = _ff_json(tmp_path, True)
+    (tmp_path / "frames" / "f2f_000_003" / "001.png").unlink()
+    with pytest.raises(FileNotFoundError, match=r"FaceForensics\+\+\.json.*f2f_000_003.001\.png"):
+        data.DeepfakeBenchJSON(path, dataset="FaceForensics++", split="train", frames_per_video=4, image_size=16)
+    with pytest.raises(ValueError, match="c99"):
+        data.DeepfakeBenchJSON(path, dataset="FaceForensics++", split="train", frames_per_video=4, image_size=16,
+                               compression="c99")
+    with pytest.raises(FileNotFoundError, match="absent.json"):
+        data.DeepfakeBenchJSON(tmp_path / "absent.json", dataset="x", split="test", frames_per_video=4, image_size=16)
+
+
+# ----------------------------------------------------------------------------- images
+
+def test_load_image_converts_modes_to_rgb(tmp_path):
+    cases = {
+        "gray.png": (Image.new("L", (4, 4), 100), (100, 100, 100)),
+        "alpha.png": (Image.new("RGBA", (4, 4), (10, 20, 30, 0)), (10, 20, 30)),
+        "deep.png": (Image.fromarray(np.full((4, 4), 257 * 100, np.uint16)), (100, 100, 100)),
+    }
+    palette = Image.new("P", (4, 4), 1)
+    palette.putpalette([0, 0, 0, 200, 50, 25] + [0] * 762)
+    cases["palette.png"] = (palette, (200, 50, 25))
+    assert cases["deep.png"][0].mode == "I;16"
+    for name, (img, rgb) in cases.items():
+        img.save(tmp_path / name)
+        out = data.load_image(tmp_path / name)
+        assert out.mode == "RGB", name
+        assert np.asarray(out)[2, 2].tolist() == list(rgb), name
+
+
+def test_load_image_errors_name_the_file(tmp_path):
+    path = tmp_path / "cut.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path, quality=95)
+    path.write_bytes(path.read_bytes()[:600])
+    with pytest.raises(ValueError, match="cut.jpg"):
+        data.load_image(path)
+    (tmp_path / "text.png").write_text("not an image")
+    with pytest.raises(ValueError, match="text.png"):
+        data.load_image(tmp_path / "text.png")
+    with pytest.raises(FileNotFoundError, match="absent.png"):
+        data.load_image(tmp_path / "absent.png")
+
+
+def test_to_input_matches_a_hand_computation():
+    pixels = [[(0, 128, 255), (10, 20, 30)], [(255, 255, 255), (1, 2, 3)]]
+    x = data.to_input(Image.fromarray(np.array(pixels, dtype=np.uint8)), 2)
+    for c in range(3):
+        for row in range(2):
+            for col in range(2):
+                expected = (pixels[row][col][c] / 255 - data.CLIP_MEAN[c]) / data.CLIP_STD[c]
+                assert abs(x[c, row, col].item() - expected) < 1e-6
+    flat = data.to_input(Image.new("RGB", (3, 3), (51, 102, 153)), 7)  # bicubic keeps a constant image
+    assert flat.shape == (3, 7, 7)
+    for c, value in enumerate((51, 102, 153)):
+        torch.testing.assert_close(flat[c], torch.full((7, 7), (value / 255 - data.CLIP_MEAN[c]) / data.CLIP_STD[c]))
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+def test_augment_is_deterministic_for_the_same_rng_seed():
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    augment = data.Augment(p=0.5)
+    outs = [np.asarray(augment(img, np.random.default_rng(s))) for s in (3, 3, 4)]
+    np.testing.assert_array_equal(outs[0], outs[1])
+    assert not np.array_equal(outs[0], outs[2])
+    seeded = [np.asarray(data.Augment(p=0.5, seed=9)(img)) for _ in range(2)]
+    np.testing.assert_array_equal(seeded[0], seeded[1])
+
+
+def test_augment_flip_only_equals_numpy_fliplr_and_nothing_is_identity():
+    img = Image.fromarray(np.random.default_rng(2).integers(0, 255, (16, 24, 3), dtype=np.uint8))
+    flipped = data.Augment(p=0.0, flip_p=1.0)(img, np.random.default_rng(0))
+    np.testing.assert_array_equal(np.asarray(flipped), np.fliplr(np.asarray(img)))
+    same = data.Augment(p=0.0, flip_p=0.0)(img, np.random.default_rng(0))
+    np.testing.assert_array_equal(np.asarray(same), np.asarray(img))
+
+
+def test_augment_smoke_every_operation_keeps_size_and_mode():
+    img = Image.fromarray(np.random.default_rng(3).integers(0, 255, (20, 30, 3), dtype=np.uint8))
+    for seed in range(10):
+        out = data.Augment(p=1.0)(img, np.random.default_rng(seed))
+        assert out.size == img.size and out.mode == "RGB"

@@ -17,26 +17,30 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageFilter
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from vit import CLIP_MEAN, CLIP_STD
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _MEAN, _STD = np.array(CLIP_MEAN, np.float32), np.array(CLIP_STD, np.float32)
 _AUGMENT = 5  # random stream of the augmentation, apart from those of the synthetic data
+MIN_SIDE = 16  # a smaller image cannot be a face crop: it is skipped like an unreadable one
 
 
 # ----------------------------------------------------------------------------- images
 
 def load_image(path) -> Image.Image:
     """Read an image file as 8-bit RGB (gray, 16-bit gray, palette and RGBA are converted;
-    alpha is dropped). A missing file raises FileNotFoundError, an unreadable one ValueError."""
+    alpha is dropped). A missing file raises FileNotFoundError; an unreadable one, or one with
+    a side under MIN_SIDE pixels, ValueError."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image file not found: {path}")
     try:
         with Image.open(path) as im:
             im.load()
+            if min(im.size) < MIN_SIDE:
+                raise ValueError(f"image is {im.size[0]}x{im.size[1]}, too small for a face crop")
             if im.mode.startswith("I"):  # 16-bit gray (Pillow modes I;16*, I): 0..65535 -> 0..255
                 gray = np.asarray(im, dtype=np.float64) / 257.0
                 return Image.fromarray(np.clip(np.round(gray), 0, 255).astype(np.uint8)).convert("RGB")
@@ -87,11 +91,23 @@ class FrameDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index):
-        s, img = self.samples[index], self.image(index)
+        s = self.samples[index]
+        try:
+            img = self.image(index)
+        except ValueError as err:  # corrupt, truncated, not an image, too small: skipped and counted
+            return {"skipped": str(err)}
         if self.augment is not None:
             img = self.augment(img, np.random.default_rng((self.seed, _AUGMENT, int(index), self.epoch)))
         return {"image": to_input(img, self.image_size), "label": s.label, "video": s.video,
                 "method": s.method, "source": s.source}
+
+
+def collate(batch: list) -> dict:
+    """Default collation of the readable samples; the unreadable ones are listed in "skipped"."""
+    good = [b for b in batch if "skipped" not in b]
+    out = default_collate(good) if good else {}
+    out["skipped"] = [b["skipped"] for b in batch if "skipped" in b]
+    return out
 
 
 # ----------------------------------------------------------------------------- data on disk

@@ -36,25 +36,27 @@ RANK_TEMPERATURE = 0.1
 def gumbel_sigmoid(logits, *, tau=1.0, training=True):
     """Straight-through Gumbel-sigmoid gate of Early Layer Pruning (SPEC §3), any shape.
 
-    Training: one Gumbel draw g = −log(−log U), U ~ U(0, 1), p_soft = σ((logit + g)/τ),
-    p_hard = 1[p_soft > 0.5], and p = p_hard − sg(p_soft) + p_soft: the forward value is
-    p_hard, the gradient is that of p_soft. The value is exactly 0 or 1: −a + a = 0, and for
-    p_hard = 1, p_soft lies in (0.5, 1] so 1 − p_soft is exact (Sterbenz) and adding p_soft
-    back gives exactly 1.
+    The gate chooses between two classes, run and exit, with logits (logit, 0). Gumbel-softmax
+    over two classes adds a Gumbel draw to each logit; only their difference matters, and the
+    difference of two Gumbels is logistic noise g = log U − log(1 − U), U ~ U(0, 1). Training:
+    p_soft = σ((logit + g)/τ), p_hard = 1[p_soft > 0.5], p = p_hard − sg(p_soft) + p_soft: the
+    forward value is p_hard, the gradient that of p_soft. The value is exactly 0 or 1: −a + a =
+    0, and for p_hard = 1, p_soft lies in (0.5, 1] so 1 − p_soft is exact (Sterbenz) and adding
+    p_soft back gives exactly 1.
 
-    How often the gate fires: p_hard = 1 ⇔ logit + g > 0, and the Gumbel CDF is
-    P(g ≤ x) = exp(−exp(−x)), so P(p = 1) = 1 − exp(−exp(logit)), for every τ > 0. With a
-    single Gumbel draw this is not σ(logit) (that would need logistic noise, the difference of
-    two Gumbels): at logit 0 the gate fires with probability 1 − 1/e ≈ 0.632 in training
-    while the inference rule σ(logit) > 0.5 ⇔ logit > 0 does not fire. We keep the paper's
-    formula.
+    How often the gate fires: p_hard = 1 ⇔ logit + g > 0, so P(p = 1) = σ(logit) for every
+    τ > 0, and the inference rule σ(logit) > 0.5 keeps the more likely choice.
+    SPEC §3 (after the released code) writes a single draw g = −log(−log U); then
+    P(p = 1) = 1 − exp(−eˡᵒᵍⁱᵗ), 0.63 at logit 0 where inference never fires: a train/test
+    mismatch that left our models exiting at the first routed layer at inference while they
+    trained with deeper passes. The two-class draw removes it.
 
     Not training: p = 1[σ(logit) > 0.5], deterministic.
     """
     if not training:
         return (torch.sigmoid(logits) > 0.5).to(logits.dtype)
-    u = torch.rand_like(logits)  # U = 0 gives g = −inf, p_soft = 0: harmless
-    g = -torch.log(-torch.log(u))
+    u = torch.rand_like(logits)
+    g = torch.log(u) - torch.log1p(-u)  # logistic: Gumbel(run) − Gumbel(exit); U = 0 gives −inf, harmless
     p_soft = torch.sigmoid((logits + g) / tau)
     p_hard = (p_soft > 0.5).to(p_soft.dtype)
     return p_hard - p_soft.detach() + p_soft
@@ -67,6 +69,11 @@ class LayerJudge(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden, bias=False)
         self.fc2 = nn.Linear(hidden, 1, bias=False)
+        # Non-negative output weights on non-negative ReLU features: logit ≥ 0, so at the start
+        # every sample runs every layer and the judges learn where to exit, rather than half of
+        # the network being cut off by the sign of a random initialisation.
+        with torch.no_grad():
+            self.fc2.weight.abs_()
 
     def forward(self, cls):  # (B, D) -> (B,) logits
         return self.fc2(F.relu(self.fc1(cls))).squeeze(-1)

@@ -161,7 +161,7 @@ def test_synthetic_rejects_unknown_methods():
 def _write_video(folder, n, suffix=".png"):
     folder.mkdir(parents=True)
     for k in range(n):
-        Image.new("RGB", (8, 8), (k * 20, 0, 0)).save(folder / f"{k:03d}{suffix}")
+        Image.new("RGB", (16, 16), (k * 20, 0, 0)).save(folder / f"{k:03d}{suffix}")
 
 
 def test_frame_folder_counts_labels_even_sampling_and_unique_video_ids(tmp_path):
@@ -274,11 +274,11 @@ def test_deepfakebench_json_missing_frames_name_the_json_and_the_file(tmp_path):
 
 def test_load_image_converts_modes_to_rgb(tmp_path):
     cases = {
-        "gray.png": (Image.new("L", (4, 4), 100), (100, 100, 100)),
-        "alpha.png": (Image.new("RGBA", (4, 4), (10, 20, 30, 0)), (10, 20, 30)),
-        "deep.png": (Image.fromarray(np.full((4, 4), 257 * 100, np.uint16)), (100, 100, 100)),
+        "gray.png": (Image.new("L", (16, 16), 100), (100, 100, 100)),
+        "alpha.png": (Image.new("RGBA", (16, 16), (10, 20, 30, 0)), (10, 20, 30)),
+        "deep.png": (Image.fromarray(np.full((16, 16), 257 * 100, np.uint16)), (100, 100, 100)),
     }
-    palette = Image.new("P", (4, 4), 1)
+    palette = Image.new("P", (16, 16), 1)
     palette.putpalette([0, 0, 0, 200, 50, 25] + [0] * 762)
     cases["palette.png"] = (palette, (200, 50, 25))
     assert cases["deep.png"][0].mode == "I;16"

@@ -151,9 +151,12 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one(tmp_path, monk
     assert torch.load(path, weights_only=False) == {"step": 1}
 
 
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # every leg with the same threads: the same float reductions
+
+
 def subprocess_run(args):
     return subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            stderr=subprocess.STDOUT, text=True, env=ENV)
 
 
 def wait_for_checkpoint(path, proc, timeout=120):
@@ -166,7 +169,8 @@ def wait_for_checkpoint(path, proc, timeout=120):
 
 def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tmp_path):
     args = TINY + ["--synthetic_train_videos=16", "--epochs=3", "--ckpt_interval=3"]  # 24 steps
-    train.main(args + [f"--out_dir={tmp_path / 'straight'}"])
+    subprocess.run([sys.executable, "train.py", *args, f"--out_dir={tmp_path / 'straight'}"], cwd=ROOT, env=ENV,
+                   check=True, capture_output=True)
     killed = tmp_path / "killed"
     proc = subprocess_run(args + [f"--out_dir={killed}"])
     wait_for_checkpoint(killed / "last.pt", proc)
@@ -174,7 +178,8 @@ def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tmp_path):
     proc.wait()
     step_at_kill = torch.load(killed / "last.pt", weights_only=False)["step"]
     assert step_at_kill < 24, "the run ended before it was killed"
-    train.main(["--init_from=resume", f"--out_dir={killed}"])
+    subprocess.run([sys.executable, "train.py", "--init_from=resume", f"--out_dir={killed}"], cwd=ROOT, env=ENV,
+                   check=True, capture_output=True)
     a = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)
     b = torch.load(killed / "last.pt", weights_only=False)
     assert a["step"] == b["step"] == 24

@@ -314,8 +314,8 @@ class DFDHR(nn.Module):
             query = glob.cls.detach().repeat_interleave(4, 0)  # (4B, D) the global query, one per split
             local = self.encode(split_2x2(x), routers[-1] if routers is not None else None, query)
             tokens = self.backbone.head(local.cls).view(B, 4, -1)  # (B, 4, C)
-            pooled = self.pool(self.pool_query.expand(B, -1, -1).to(tokens.dtype), tokens, tokens,
-                               need_weights=False)[0]  # (B, 1, C)
+            query_token = self.pool_query.repeat(B, 1, 1).to(tokens.dtype)  # (B, 1, C)
+            pooled = self.pool(query_token, tokens, tokens, need_weights=False)[0]  # (B, 1, C)
             feats.append(pooled[:, 0])
             views.append(local)
         logits = self.head(torch.cat(feats, -1))  # (B, 2)

@@ -265,7 +265,7 @@ def load_checkpoint(path, overrides):
 
 # ------------------------------------------------------------------------------ prediction
 
-def run_predict(cfg, model_config, dev):
+def run_predict(cfg, dev):
     path = Path(cfg["out_dir"]) / "best.pt"
     ckpt = torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
     if ckpt is None:
@@ -303,15 +303,15 @@ def main(argv):
     bf16 = cfg["dtype"] == "bf16" or (cfg["dtype"] == "auto" and use_cuda and torch.cuda.is_bf16_supported())
     autocast = lambda: torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
     if cfg["predict"]:
-        return run_predict(cfg, model_config, dev)
+        return run_predict(cfg, dev)
 
     out = Path(cfg["out_dir"])
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg["seed"])
     if cfg["init_from"] == "resume":
         ckpt = load_checkpoint(out / "last.pt", overrides)
-        cfg = {**ckpt["config"], **overrides, "init_from": ckpt["config"]["init_from"]}  # the run's own settings,
-        # except those given now
+        # the run's own settings, except those given now
+        cfg = {**ckpt["config"], **overrides, "init_from": ckpt["config"]["init_from"]}
         model = DFDHR(DFDHRConfig(**ckpt["model_config"])).to(dev)
     else:
         ckpt = None
@@ -348,7 +348,7 @@ def main(argv):
     if rank == 0:
         (out / "config.json").write_text(json.dumps({**cfg, "model": asdict(model_config)}, indent=1))
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print(f"DFD-HR {cfg['preset']}/{cfg['ablation']}: {trainable / 1e6:.2f}M trainable parameters, "
+        print(f"{cfg['method']} on {cfg['preset']}/{cfg['ablation']}: {trainable / 1e6:.2f}M trainable parameters, "
               f"{len(train_set)} training frames, {total} steps of {cfg['batch_size']}, {dev}, "
               f"{'bf16' if bf16 else 'fp32'}, {world} process(es)")
 

@@ -13,11 +13,8 @@ import torch
 from PIL import Image
 
 import train
+from test_train import TINY
 
-TINY = ["--width=64", "--heads=2", "--layers=4", "--first_routed_layer=2", "--embed_dim=64", "--adapter_rank=8",
-        "--judge_hidden=8", "--view_size=32", "--image_size=64", "--synthetic_train_videos=8",
-        "--synthetic_test_videos=4", "--frames_per_video=2", "--batch_size=4", "--eval_batch_size=8",
-        "--num_workers=0", "--log_interval=1000", "--dtype=fp32"]
 ROOT = Path(train.__file__).parent
 
 

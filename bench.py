@@ -1,0 +1,357 @@
+"""Benchmarks of the backbone and the routed model on CPU (issue 7); results in BENCHMARKS.md.
+
+Every figure is a ratio against a reference measured in the same run, so it survives a change
+of machine; absolute times are printed with the machine they were taken on.
+
+  1. Backbone vs Hugging Face: vit.VisionTransformer against transformers'
+     CLIPVisionModelWithProjection holding the same random weights (saved by save_pretrained,
+     read back by vit.load_clip), fp32 and bf16 autocast: time ratio and max |difference|.
+  2. Against the hardware: GFLOP/s of the ViT-L/14 forward (2 × estimate_flops of a plain ViT)
+     against a large square matmul; a torch.profiler breakdown says where the rest goes.
+  3. Routing pays: the DFD-HR forward (eval) with every routed layer run, with every sample
+     exiting at the first routed layer K (the paper's T = 20), and without token selection:
+     the wall-time saving against the saving estimate_flops predicts.
+  4. Training: forward + backward + Adam step time and peak resident memory, each
+     configuration in a fresh process (ru_maxrss only grows).
+
+    python bench.py            # the full run (about 10 minutes on 2 cores)
+    python bench.py --quick    # tiny shapes, under a minute; the test runs this
+"""
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+
+import torch
+import transformers
+from torch import nn
+
+import vit
+from dfdhr import DFDHR, dfdhr_loss, estimate_flops, make_config
+
+# Backbone shapes: ViT-B/16 and ViT-L/14 at 224 (CLIP); TINY for --quick.
+BACKBONES = {
+    "ViT-B/16": dict(width=768, layers=12, heads=12, patch=16, image=224, proj=512),
+    "ViT-L/14": dict(width=1024, layers=24, heads=16, patch=14, image=224, proj=768),
+}
+TINY = {"tiny": dict(width=64, layers=2, heads=2, patch=8, image=32, proj=48)}
+
+
+def timed(fns, *, repeats, warmup=1):
+    """Median seconds of each callable; they run in turn, so a change of machine load hits all alike."""
+    for _ in range(warmup):
+        for f in fns:
+            f()
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for t, f in zip(times, fns):
+            start = time.perf_counter()
+            f()
+            t.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
+def precision(name):
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=name == "bf16")
+
+
+def machine():
+    model = platform.processor() or "unknown"
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in subprocess.run(
+            ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name"))
+    except (OSError, StopIteration):
+        pass
+    return dict(cpu=model, cores=len(os.sched_getaffinity(0)), threads=torch.get_num_threads(), torch=torch.__version__, transformers=transformers.__version__)
+
+
+# ----------------------------------------------------------------------------- 1. backbone vs HF
+
+def hf_and_ours(shape):
+    """A Hugging Face CLIP vision tower with random weights, and ours loaded from its saved folder."""
+    config = transformers.CLIPVisionConfig(
+        hidden_size=shape["width"], intermediate_size=4 * shape["width"], num_hidden_layers=shape["layers"],
+        num_attention_heads=shape["heads"], patch_size=shape["patch"], image_size=shape["image"],
+        projection_dim=shape["proj"], hidden_act="quick_gelu")
+    torch.manual_seed(0)
+    hf = transformers.CLIPVisionModelWithProjection(config).eval()
+    with torch.no_grad():  # random norms and biases, so every weight matters
+        for name, p in hf.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.normal_(std=0.1)
+    with tempfile.TemporaryDirectory() as tmp:
+        hf.save_pretrained(tmp)
+        ours = vit.load_clip(tmp).eval()
+    return hf, ours
+
+
+def bench_backbones(shapes, *, batches, repeats, profiled):
+    """Rows of the comparison, and the profiles of ours at the `profiled` (model, batch)."""
+    rows, profiles = [], {}
+    for name, shape in shapes.items():
+        hf, ours = hf_and_ours(shape)
+        for batch in batches:
+            x = torch.randn(batch, 3, shape["image"], shape["image"], generator=torch.Generator().manual_seed(1))
+            for prec in ("fp32", "bf16"):
+                with torch.no_grad(), precision(prec):
+                    diff = (hf(pixel_values=x).image_embeds.float() - ours(x).float()).abs().max().item()
+                    t_hf, t_ours = timed([lambda: hf(pixel_values=x), lambda: ours(x)],
+                                         repeats=repeats(shape, batch))
+                rows.append(dict(model=name, batch=batch, precision=prec, hf_s=t_hf, ours_s=t_ours,
+                                 hf_over_ours=t_hf / t_ours, max_abs_diff=diff,
+                                 attn=hf.config._attn_implementation))
+                if (name, batch) == profiled:
+                    profiles[prec] = profile(ours, x, prec, shape)
+        del hf, ours
+    return rows, profiles
+
+
+# ----------------------------------------------------------------------------- 2. hardware
+
+def plain_vit_config(shape):
+    """The DFD-HR config of a plain ViT of this shape: no token selection, no experts, T = L."""
+    return replace(make_config("paper"), view_size=shape["image"], patch_size=shape["patch"], width=shape["width"],
+                   layers=shape["layers"], heads=shape["heads"], embed_dim=shape["proj"],
+                   image_size=2 * shape["image"], first_routed_layer=0, token_selection=False, expert_routing=False)
+
+
+def matmul_peak(n, prec, repeats):
+    dtype = torch.bfloat16 if prec == "bf16" else torch.float32
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    (t,) = timed([lambda: a @ b], repeats=repeats)
+    return 2 * n ** 3 / t / 1e9
+
+
+def bench_hardware(backbone_rows, shapes, *, matmul_n, repeats):
+    """GFLOP/s of our forward (timed in section 1) against the matmul peak, per precision."""
+    peaks = {prec: matmul_peak(matmul_n, prec, repeats) for prec in ("fp32", "bf16")}
+    rows = []
+    for r in backbone_rows:
+        flops = 2 * estimate_flops(plain_vit_config(shapes[r["model"]])) * r["batch"]  # multiply-adds -> FLOPs
+        gflops = flops / r["ours_s"] / 1e9
+        rows.append(dict(model=r["model"], batch=r["batch"], precision=r["precision"], gflop=flops / 1e9,
+                         gflop_s=gflops, matmul_peak_gflop_s=peaks[r["precision"]],
+                         fraction_of_peak=gflops / peaks[r["precision"]]))
+    return rows, peaks
+
+
+GEMM_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm")
+
+
+def category(op):
+    if op in GEMM_OPS:
+        return "matmul (addmm/mm)"
+    if "scaled_dot_product" in op:
+        return "attention (sdpa)"
+    if "convolution" in op:
+        return "patch embedding (conv)"
+    if op in ("aten::copy_", "aten::_to_copy", "aten::to", "aten::clone", "aten::contiguous"):
+        return "copies and casts"
+    if "layer_norm" in op:
+        return "layer norm"
+    return "other (element-wise, views, ...)"
+
+
+def profile(model, x, prec, shape, top=10):
+    """Self CPU time by operator and by kind for one forward (after one warm-up), largest first.
+
+    Also the rate of the matmuls alone: the ViT's 4nd² + 2ndm multiply-adds per token and layer
+    over the time spent in addmm/mm, which says whether the gap to the matmul peak is in the
+    matmuls themselves or around them.
+    """
+    with torch.no_grad(), precision(prec):
+        model(x)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            model(x)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    ops = [dict(op=e.key, calls=e.count, self_ms=e.self_cpu_time_total / 1e3, share=e.self_cpu_time_total / total)
+           for e in events[:top]]
+    kinds = {}
+    for e in events:
+        kinds[category(e.key)] = kinds.get(category(e.key), 0) + e.self_cpu_time_total / 1e3
+    kinds = [dict(kind=k, self_ms=v, share=v * 1e3 / total) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])]
+    n, d, L = (shape["image"] // shape["patch"]) ** 2 + 1, shape["width"], shape["layers"]
+    gemm_flops = 2 * L * len(x) * (4 * n * d * d + 2 * n * d * 4 * d)
+    gemm_ms = sum(e.self_cpu_time_total for e in events if e.key in GEMM_OPS) / 1e3
+    attn_flops = 2 * L * len(x) * 2 * n * n * d
+    attn_ms = sum(e.self_cpu_time_total for e in events if "scaled_dot_product" in e.key) / 1e3
+    return dict(ops=ops, kinds=kinds, total_ms=total / 1e3, gemm_gflop_s=gemm_flops / gemm_ms / 1e6,
+                attention_gflop_s=attn_flops / attn_ms / 1e6)
+
+
+# ----------------------------------------------------------------------------- 3. routing pays
+
+class ConstantJudge(nn.Module):
+    """A layer judge with a fixed verdict: logit +10 runs the layer, −10 exits before it."""
+
+    def __init__(self, logit):
+        super().__init__()
+        self.logit = logit
+
+    def forward(self, cls):  # (B, D) -> (B,)
+        return cls.new_full(cls.shape[:1], self.logit)
+
+
+def force_exit(model, T):
+    """Every sample runs blocks 0..T-1 and exits at layer T (T = L: none exits)."""
+    K = model.config.first_routed_layer
+    for routers in model.routers:
+        for r in range(len(routers.layer_judges)):
+            routers.layer_judges[r] = ConstantJudge(10.0 if K + r < T else -10.0)
+
+
+def bench_routing(preset, *, batch, repeats):
+    """Predicted (estimate_flops) and realised (wall time) savings of layer exit and token selection."""
+    torch.manual_seed(0)
+    full = DFDHR(make_config(preset)).eval()
+    cfg = full.config
+    L, K = cfg.layers, cfg.first_routed_layer
+    exited = DFDHR(cfg, backbone=full.backbone).eval()  # same backbone, its own routers
+    no_tokens = DFDHR(replace(cfg, token_selection=False), backbone=full.backbone).eval()
+    fusion_only = DFDHR(make_config(preset, "fusion_only"), backbone=full.backbone).eval()
+    force_exit(full, L)
+    force_exit(exited, K)
+    force_exit(no_tokens, L)
+    x = torch.randn(batch, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(2))
+    models = dict(all_layers=full, exit_at_K=exited, no_token_selection=no_tokens, fusion_only=fusion_only)
+    with torch.no_grad():
+        exits = {k: m(x).exit_layer.unique().tolist() for k, m in models.items()}
+        times = dict(zip(models, timed([lambda m=m: m(x) for m in models.values()], repeats=repeats, warmup=0)))
+    flops = dict(all_layers=estimate_flops(cfg, L), exit_at_K=estimate_flops(cfg, K),
+                 no_token_selection=estimate_flops(replace(cfg, token_selection=False), L),
+                 fusion_only=estimate_flops(replace(cfg, token_selection=False, expert_routing=False), L))
+    rows = []
+    for name, ref, what in (("exit_at_K", "all_layers", f"layer exit: T = {K} vs T = {L}"),
+                            ("all_layers", "no_token_selection", "token selection on vs off (T = L)"),
+                            ("fusion_only", "all_layers", "no routers (fusion_only) vs routers, T = L")):
+        predicted = 1 - flops[name] / flops[ref]
+        realised = 1 - times[name] / times[ref]
+        rows.append(dict(comparison=what, predicted_saving=predicted, realised_saving=realised,
+                         realised_over_predicted=realised / predicted, seconds=times[name], ref_seconds=times[ref]))
+    return rows, dict(exits=exits, times=times, flops_per_view=flops, batch=batch, preset=preset)
+
+
+# ----------------------------------------------------------------------------- 4. training
+
+def train_step(preset, batch, steps):
+    """Run in a fresh process: step time and ru_maxrss growth of forward + backward + Adam (fp32)."""
+    torch.manual_seed(0)
+    cfg = make_config(preset)
+    model = DFDHR(cfg).train()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    x = torch.randn(batch, 3, cfg.image_size, cfg.image_size)
+    y = torch.randint(0, 2, (batch,))
+    rss_model = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+
+    def step():
+        loss = dfdhr_loss(model(x), y, cfg)
+        opt.zero_grad(set_to_none=True)
+        loss.total.backward()
+        opt.step()
+
+    (t,) = timed([step], repeats=steps)
+    rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return dict(preset=preset, batch=batch, step_s=t, rss_model_mib=rss_model / 1024, rss_peak_mib=rss_peak / 1024,
+                rss_step_mib=(rss_peak - rss_model) / 1024, trainable_params=trainable,
+                frozen_backbone=cfg.freeze_backbone)
+
+
+def bench_training(runs):
+    rows = []
+    for preset, batch, steps in runs:
+        out = subprocess.run([sys.executable, __file__, "--train-step", preset, str(batch), str(steps)],
+                             capture_output=True, text=True)
+        if out.returncode:
+            rows.append(dict(preset=preset, batch=batch, error=out.stderr.strip().splitlines()[-1:]))
+        else:
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return rows
+
+
+# ----------------------------------------------------------------------------- report
+
+def table(rows, columns):
+    def fmt(v):
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, under a minute")
+    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--train-step", nargs=3, metavar=("PRESET", "BATCH", "STEPS"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.train_step:
+        preset, batch, steps = args.train_step
+        print(json.dumps(train_step(preset, int(batch), int(steps))))
+        return None
+
+    transformers.utils.logging.disable_progress_bar()
+    start = time.perf_counter()
+    info = machine()
+    print(f"# {info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['threads']} threads), "
+          f"transformers {info['transformers']}")
+    if args.quick:
+        shapes, matmul_n, profiled, routing_preset, routing_batch = TINY, 256, ("tiny", 8), "small", 2
+        repeats = lambda shape, batch: 3  # noqa: E731
+        train_runs = [("small", 4, 1)]
+    else:
+        shapes, matmul_n, profiled, routing_preset, routing_batch = BACKBONES, 2048, ("ViT-L/14", 8), "paper", 2
+        repeats = lambda shape, batch: 3 if shape["layers"] * batch > 24 else 5  # noqa: E731
+        train_runs = [("small", 16, 5), ("paper", 2, 1)]
+    results = dict(machine=info, quick=args.quick)
+
+    results["backbone"], results["profile"] = bench_backbones(shapes, batches=(1, 8), repeats=repeats,
+                                                              profiled=profiled)
+    print("\n## 1. Backbone: Hugging Face time / ours (>= 1: ours not slower)\n")
+    print(table(results["backbone"], ["model", "batch", "precision", "hf_s", "ours_s", "hf_over_ours",
+                                      "max_abs_diff", "attn"]))
+
+    results["hardware"], results["matmul_peak"] = bench_hardware(results["backbone"], shapes, matmul_n=matmul_n,
+                                                                 repeats=5)
+    print(f"\n## 2. Against the hardware: matmul {matmul_n}² peak "
+          + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in results["matmul_peak"].items()) + "\n")
+    print(table(results["hardware"], ["model", "batch", "precision", "gflop", "gflop_s", "matmul_peak_gflop_s",
+                                      "fraction_of_peak"]))
+    name, batch = profiled
+    for prec, p in results["profile"].items():
+        print(f"\n### Profile: ours, {name}, batch {batch}, {prec}: {p['total_ms']:.0f} ms self CPU time; "
+              f"matmuls alone {p['gemm_gflop_s']:.0f} GFLOP/s, attention {p['attention_gflop_s']:.0f} GFLOP/s\n")
+        print(table(p["kinds"], ["kind", "self_ms", "share"]))
+        print()
+        print(table(p["ops"], ["op", "calls", "self_ms", "share"]))
+
+    results["routing"], results["routing_detail"] = bench_routing(routing_preset, batch=routing_batch,
+                                                                  repeats=2)
+    d = results["routing_detail"]
+    print(f"\n## 3. Routing pays: DFD-HR {routing_preset}, eval, batch {routing_batch}; exit layers {d['exits']}; "
+          f"seconds {', '.join(f'{k} {v:.3g}' for k, v in d['times'].items())}\n")
+    print(table(results["routing"], ["comparison", "predicted_saving", "realised_saving", "realised_over_predicted",
+                                     "seconds", "ref_seconds"]))
+
+    results["training"] = bench_training(train_runs)
+    print("\n## 4. Training step (fp32, forward + backward + Adam), each in a fresh process\n")
+    print(table(results["training"], ["preset", "batch", "step_s", "rss_model_mib", "rss_peak_mib", "rss_step_mib",
+                                      "trainable_params", "frozen_backbone", "error"]))
+    results["total_s"] = time.perf_counter() - start
+    print(f"\ntotal {results['total_s']:.0f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+"""bench.py --quick runs end to end and its two implementations agree; no timing is asserted."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_quick_runs_and_outputs_agree(tmp_path):
+    out = tmp_path / "bench.json"
+    subprocess.run([sys.executable, "bench.py", "--quick", "--json", str(out)], cwd=ROOT, check=True,
+                   capture_output=True, text=True)
+    results = json.loads(out.read_text())
+    assert {r["precision"] for r in results["backbone"]} == {"fp32", "bf16"}
+    for r in results["backbone"]:  # ours and Hugging Face on the same weights
+        assert r["max_abs_diff"] < (1e-4 if r["precision"] == "fp32" else 5e-2), r
+    exits = results["routing_detail"]["exits"]  # the forced judges did what they were told
+    cfg_layers, first_routed = 8, 4  # the small preset
+    assert exits == dict(all_layers=[cfg_layers], exit_at_K=[first_routed], no_token_selection=[cfg_layers],
+                         fusion_only=[cfg_layers])
+    assert [r.get("error") for r in results["training"]] == [None]
+    assert all(r["step_s"] > 0 and r["rss_peak_mib"] > 0 for r in results["training"])

@@ -98,7 +98,7 @@ def main(argv):
         test_sets += [t for t in metrics if t not in test_sets]
         rows.append((name, params, metrics, seconds, error))
 
-    header = ["method", "trainable params", *[f"{t} video AUC" for t in test_sets], "GFLOPs / image", "seconds"]
+    header = ["method", "trainable params", *[f"{t} video AUC" for t in test_sets], "GMAC / image", "seconds"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, params, metrics, seconds, error in rows:
         gflops = next(iter(metrics.values()))["gflops_per_image"] if metrics else None
@@ -107,7 +107,7 @@ def main(argv):
         lines.append("| " + " | ".join(cells) + " |" + (f" failed: {error}" if error else ""))
     settings = " ".join([f"--max_iters={ours['max_iters']}", *passed])
     table = (f"Same budget for every method: `{settings}`\n\n" + "\n".join(lines) + "\n\n"
-             "GFLOPs: train.py's estimate (dfdhr.estimate_flops) at the exits taken; for the methods of peft.py it is\n"
+             "GMAC (multiply-adds, the paper's FLOPs): train.py's estimate (dfdhr.estimate_flops) at the exits taken; for the methods of peft.py it is\n"
              "the plain ViT's, without the adapters' or prompts' own cost (VPT-deep runs N + 5 tokens).")
     root.mkdir(parents=True, exist_ok=True)
     (root / "comparison.md").write_text(table + "\n")

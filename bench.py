@@ -9,19 +9,18 @@ of machine; absolute times are printed with the machine they were taken on.
   2. Against the hardware: GFLOP/s of the ViT-L/14 forward (2 × estimate_flops of a plain ViT)
      against a large square matmul; a torch.profiler breakdown says where the rest goes.
   3. Routing pays: the DFD-HR forward (eval) with every routed layer run, with every sample
-     exiting at the first routed layer K (the paper's T = 20), and without token selection:
-     the wall-time saving against the saving estimate_flops predicts.
+     exiting at the first routed layer K (the paper's T = 20), without token selection, and
+     without any router (fusion_only): the wall-time saving against what estimate_flops predicts.
   4. Training: forward + backward + Adam step time and peak resident memory, each
-     configuration in a fresh process (ru_maxrss only grows).
+     configuration in a fresh process.
 
-    python bench.py            # the full run (about 10 minutes on 2 cores)
+    python bench.py            # the full run (about 8 minutes on 2 cores)
     python bench.py --quick    # tiny shapes, under a minute; the test runs this
 """
 import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -69,10 +68,16 @@ def machine():
             ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name"))
     except (OSError, StopIteration):
         pass
-    return dict(cpu=model, cores=len(os.sched_getaffinity(0)), threads=torch.get_num_threads(), torch=torch.__version__, transformers=transformers.__version__)
+    return dict(cpu=model, cores=len(os.sched_getaffinity(0)), threads=torch.get_num_threads(),
+                torch=torch.__version__, transformers=transformers.__version__)
 
 
 # ----------------------------------------------------------------------------- 1. backbone vs HF
+
+def backbone_repeats(shape, batch):
+    """Timed calls per cell: fewer for the big ones (ViT-L/14 at batch 8 is 1.3 TFLOP a call)."""
+    return 3 if shape["layers"] * batch > 96 else 5 if shape["layers"] > 12 else 7
+
 
 def hf_and_ours(shape):
     """A Hugging Face CLIP vision tower with random weights, and ours loaded from its saved folder."""
@@ -109,7 +114,6 @@ def bench_backbones(shapes, *, batches, repeats, profiled):
                                  attn=hf.config._attn_implementation))
                 if (name, batch) == profiled:
                     profiles[prec] = profile(ours, x, prec, shape)
-        del hf, ours
     return rows, profiles
 
 
@@ -241,15 +245,23 @@ def bench_routing(preset, *, batch, repeats):
 
 # ----------------------------------------------------------------------------- 4. training
 
+def peak_rss_mib():
+    """This process's peak resident memory. Linux's ru_maxrss is not used: exec keeps the peak of
+    the parent that spawned the process (measured: every child started from the full run reported
+    the parent's 4.6 GB), while VmHWM belongs to the process's own address space."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024  # kB -> MiB
+
+
 def train_step(preset, batch, steps):
-    """Run in a fresh process: step time and ru_maxrss growth of forward + backward + Adam (fp32)."""
+    """Run in a fresh process: step time and peak memory of forward + backward + Adam (fp32)."""
     torch.manual_seed(0)
     cfg = make_config(preset)
     model = DFDHR(cfg).train()
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     x = torch.randn(batch, 3, cfg.image_size, cfg.image_size)
     y = torch.randint(0, 2, (batch,))
-    rss_model = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    rss_model = peak_rss_mib()
 
     def step():
         loss = dfdhr_loss(model(x), y, cfg)
@@ -258,10 +270,10 @@ def train_step(preset, batch, steps):
         opt.step()
 
     (t,) = timed([step], repeats=steps)
-    rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_peak = peak_rss_mib()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return dict(preset=preset, batch=batch, step_s=t, rss_model_mib=rss_model / 1024, rss_peak_mib=rss_peak / 1024,
-                rss_step_mib=(rss_peak - rss_model) / 1024, trainable_params=trainable,
+    return dict(preset=preset, batch=batch, step_s=t, rss_model_mib=rss_model, rss_peak_mib=rss_peak,
+                rss_step_mib=rss_peak - rss_model, trainable_params=trainable,
                 frozen_backbone=cfg.freeze_backbone)
 
 
@@ -287,32 +299,7 @@ def table(rows, columns):
     return "\n".join(lines)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, under a minute")
-    parser.add_argument("--json", help="also write the results to this file")
-    parser.add_argument("--train-step", nargs=3, metavar=("PRESET", "BATCH", "STEPS"), help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.train_step:
-        preset, batch, steps = args.train_step
-        print(json.dumps(train_step(preset, int(batch), int(steps))))
-        return None
-
-    transformers.utils.logging.disable_progress_bar()
-    start = time.perf_counter()
-    info = machine()
-    print(f"# {info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['threads']} threads), "
-          f"transformers {info['transformers']}")
-    if args.quick:
-        shapes, matmul_n, profiled, routing_preset, routing_batch = TINY, 256, ("tiny", 8), "small", 2
-        repeats = lambda shape, batch: 3  # noqa: E731
-        train_runs = [("small", 4, 1)]
-    else:
-        shapes, matmul_n, profiled, routing_preset, routing_batch = BACKBONES, 2048, ("ViT-L/14", 8), "paper", 2
-        repeats = lambda shape, batch: 3 if shape["layers"] * batch > 24 else 5  # noqa: E731
-        train_runs = [("small", 16, 5), ("paper", 2, 1)]
-    results = dict(machine=info, quick=args.quick)
-
+def report_backbone(results, shapes, repeats, matmul_n, profiled):
     results["backbone"], results["profile"] = bench_backbones(shapes, batches=(1, 8), repeats=repeats,
                                                               profiled=profiled)
     print("\n## 1. Backbone: Hugging Face time / ours (>= 1: ours not slower)\n")
@@ -333,18 +320,53 @@ def main(argv=None):
         print()
         print(table(p["ops"], ["op", "calls", "self_ms", "share"]))
 
-    results["routing"], results["routing_detail"] = bench_routing(routing_preset, batch=routing_batch,
-                                                                  repeats=2)
+
+
+def report_routing(results, preset, batch, repeats):
+    results["routing"], results["routing_detail"] = bench_routing(preset, batch=batch, repeats=repeats)
     d = results["routing_detail"]
-    print(f"\n## 3. Routing pays: DFD-HR {routing_preset}, eval, batch {routing_batch}; exit layers {d['exits']}; "
-          f"seconds {', '.join(f'{k} {v:.3g}' for k, v in d['times'].items())}\n")
+    print(f"\n## 3. Routing pays: DFD-HR {preset}, eval, batch {batch}, median of {repeats}; exit layers "
+          f"{d['exits']}; seconds {', '.join(f'{k} {v:.3g}' for k, v in d['times'].items())}\n")
     print(table(results["routing"], ["comparison", "predicted_saving", "realised_saving", "realised_over_predicted",
                                      "seconds", "ref_seconds"]))
 
-    results["training"] = bench_training(train_runs)
-    print("\n## 4. Training step (fp32, forward + backward + Adam), each in a fresh process\n")
-    print(table(results["training"], ["preset", "batch", "step_s", "rss_model_mib", "rss_peak_mib", "rss_step_mib",
-                                      "trainable_params", "frozen_backbone", "error"]))
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, under a minute")
+    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--only", choices=("backbone", "routing", "training"),
+                        help="run one part: backbone (1 and 2), routing (3) or training (4)")
+    parser.add_argument("--routing-repeats", type=int, default=2, help="timed passes of each routing variant")
+    parser.add_argument("--train-step", nargs=3, metavar=("PRESET", "BATCH", "STEPS"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.train_step:
+        preset, batch, steps = args.train_step
+        print(json.dumps(train_step(preset, int(batch), int(steps))))
+        return None
+
+    transformers.utils.logging.disable_progress_bar()
+    start = time.perf_counter()
+    info = machine()
+    print(f"# {info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['threads']} threads), "
+          f"transformers {info['transformers']}")
+    if args.quick:
+        shapes, matmul_n, profiled, routing_preset, routing_batch = TINY, 256, ("tiny", 8), "small", 2
+        train_runs = [("small", 4, 1)]
+    else:
+        shapes, matmul_n, profiled, routing_preset, routing_batch = BACKBONES, 2048, ("ViT-L/14", 8), "paper", 2
+        train_runs = [("small", 16, 5), ("paper", 2, 1)]
+    results = dict(machine=info, quick=args.quick)
+
+    if args.only in (None, "backbone"):
+        report_backbone(results, shapes, backbone_repeats, matmul_n, profiled)
+    if args.only in (None, "routing"):
+        report_routing(results, routing_preset, routing_batch, args.routing_repeats)
+    if args.only in (None, "training"):
+        results["training"] = bench_training(train_runs)
+        print("\n## 4. Training step (fp32, forward + backward + Adam), each in a fresh process\n")
+        print(table(results["training"], ["preset", "batch", "step_s", "rss_model_mib", "rss_peak_mib",
+                                          "rss_step_mib", "trainable_params", "frozen_backbone", "error"]))
     results["total_s"] = time.perf_counter() - start
     print(f"\ntotal {results['total_s']:.0f} s")
     if args.json:

@@ -17,7 +17,6 @@ of machine; absolute times are printed with the machine they were taken on.
     python bench.py            # the full run (about 8 minutes on 2 cores)
     python bench.py --quick    # tiny shapes, under a minute; the test runs this
 """
-import argparse
 import json
 import os
 import platform
@@ -26,14 +25,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 import transformers
-from torch import nn
 
+import cli
 import vit
-from dfdhr import DFDHR, dfdhr_loss, estimate_flops, make_config
+from dfdhr import DFDHR, dfdhr_loss, estimate_flops, force_exit, make_config
 
 # Backbone shapes: ViT-B/16 and ViT-L/14 at 224 (CLIP); TINY for --quick.
 BACKBONES = {
@@ -193,25 +192,6 @@ def profile(model, x, prec, shape, top=10):
 
 # ----------------------------------------------------------------------------- 3. routing pays
 
-class ConstantJudge(nn.Module):
-    """A layer judge with a fixed verdict: logit +10 runs the layer, −10 exits before it."""
-
-    def __init__(self, logit):
-        super().__init__()
-        self.logit = logit
-
-    def forward(self, cls):  # (B, D) -> (B,)
-        return cls.new_full(cls.shape[:1], self.logit)
-
-
-def force_exit(model, T):
-    """Every sample runs blocks 0..T-1 and exits at layer T (T = L: none exits)."""
-    K = model.config.first_routed_layer
-    for routers in model.routers:
-        for r in range(len(routers.layer_judges)):
-            routers.layer_judges[r] = ConstantJudge(10.0 if K + r < T else -10.0)
-
-
 def bench_routing(preset, *, batch, repeats):
     """Predicted (estimate_flops) and realised (wall time) savings of layer exit and token selection."""
     torch.manual_seed(0)
@@ -280,7 +260,7 @@ def train_step(preset, batch, steps):
 def bench_training(runs):
     rows = []
     for preset, batch, steps in runs:
-        out = subprocess.run([sys.executable, __file__, "--train-step", preset, str(batch), str(steps)],
+        out = subprocess.run([sys.executable, __file__, f"--train_step={preset},{batch},{steps}"],
                              capture_output=True, text=True)
         if out.returncode:
             rows.append(dict(preset=preset, batch=batch, error=out.stderr.strip().splitlines()[-1:]))
@@ -331,17 +311,20 @@ def report_routing(results, preset, batch, repeats):
                                      "seconds", "ref_seconds"]))
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, under a minute")
-    parser.add_argument("--json", help="also write the results to this file")
-    parser.add_argument("--only", choices=("backbone", "routing", "training"),
-                        help="run one part: backbone (1 and 2), routing (3) or training (4)")
-    parser.add_argument("--routing-repeats", type=int, default=2, help="timed passes of each routing variant")
-    parser.add_argument("--train-step", nargs=3, metavar=("PRESET", "BATCH", "STEPS"), help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+@dataclass(frozen=True)
+class Options:
+    quick: bool = False          # tiny shapes, under a minute
+    json: str = ""               # also write the results to this file
+    only: str = ""               # one part: backbone (1 and 2), routing (3) or training (4)
+    routing_repeats: int = 2     # timed passes of each routing variant
+    train_step: str = ""         # internal: "PRESET,BATCH,STEPS", one training measurement in this process
+
+
+def main(argv=()):
+    args, = cli.parse(argv, Options)
+    args = Options(**args)
     if args.train_step:
-        preset, batch, steps = args.train_step
+        preset, batch, steps = args.train_step.split(",")
         print(json.dumps(train_step(preset, int(batch), int(steps))))
         return None
 
@@ -358,11 +341,11 @@ def main(argv=None):
         train_runs = [("small", 16, 5), ("paper", 2, 1)]
     results = dict(machine=info, quick=args.quick)
 
-    if args.only in (None, "backbone"):
+    if args.only in ("", "backbone"):
         report_backbone(results, shapes, backbone_repeats, matmul_n, profiled)
-    if args.only in (None, "routing"):
+    if args.only in ("", "routing"):
         report_routing(results, routing_preset, routing_batch, args.routing_repeats)
-    if args.only in (None, "training"):
+    if args.only in ("", "training"):
         results["training"] = bench_training(train_runs)
         print("\n## 4. Training step (fp32, forward + backward + Adam), each in a fresh process\n")
         print(table(results["training"], ["preset", "batch", "step_s", "rss_model_mib", "rss_peak_mib",
@@ -376,4 +359,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -5,34 +5,35 @@ with the same budget on the same data, in one table.
     python compare_methods.py --methods=lora,dora,dfdhr --max_iters=300 --synthetic_train_videos=480
     python compare_methods.py --params_only                     # trainable parameters at the paper's size
 
-Options of this script: `methods` (comma-separated; default every peft.METHODS and dfdhr), `out_dir`,
-`max_iters`, `params_only`. Every other `--key=value` goes to each train.py run unchanged. Run NAME
+The options of this script are `Options` below; every other `--key=value` goes to each train.py run unchanged. Run NAME
 writes to out_dir/NAME/ (train.py's files); the table goes to out_dir/comparison.md and is printed.
 """
 import json
 import sys
 import time
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 
+import cli
 import peft
 import train
 from dfdhr import DFDHR, DFDHRConfig, make_config
 
-methods = ",".join((*peft.METHODS, "dfdhr"))
-out_dir = "out/compare"
-max_iters = 60
-params_only = False
+
+@dataclass(frozen=True)
+class Options:
+    methods: str = ",".join((*peft.METHODS, "dfdhr"))  # comma-separated
+    out_dir: str = "out/compare"
+    max_iters: int = 60
+    params_only: bool = False   # print the trainable parameters at the paper preset, train nothing
 
 
 def trainable(config, method):
     """Trainable parameters of `method` on a model of `config`, built on the meta device: no memory, no time."""
     with torch.device("meta"):
-        model = DFDHR(config)
-        if method != "dfdhr":
-            model = peft.apply(model, method)
-    return peft.count_trainable(model)
+        return peft.count_trainable(train.build_model(train.Settings(method=method), config))
 
 
 def params_table(names, preset="paper"):
@@ -51,32 +52,22 @@ def fmt(value, spec=".4f"):
 
 
 def main(argv):
-    ours = {"methods": methods, "out_dir": out_dir, "max_iters": max_iters, "params_only": params_only}
-    passed = []
-    for arg in argv:
-        key = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
-        if key == "params_only" and "=" not in arg:
-            ours[key] = True
-        elif key in ours:
-            if "=" not in arg:
-                raise SystemExit(f"arguments are --key=value, got {arg!r}")
-            value = arg.split("=", 1)[1]
-            ours[key] = value.lower() in ("true", "1") if key == "params_only" else type(ours[key])(value)
-        elif key in ("method", "init_from"):
-            raise SystemExit(f"--{key} is set by this script for each run")
-        else:
-            passed.append(arg)
-    names = [m for m in ours["methods"].split(",") if m]
+    ours = [a for a in argv if a[2:].partition("=")[0] in {f.name for f in fields(Options)}]
+    passed = [a for a in argv if a not in ours]
+    opts = Options(**cli.parse(ours, Options)[0])
+    given = cli.parse(passed, train.Settings, DFDHRConfig)[0]  # refuse a bad option before the first run, not after ten
+    if "method" in given:
+        raise SystemExit("--method is set by this script for each run")
+    names = [m for m in opts.methods.split(",") if m]
     unknown = [m for m in names if m != "dfdhr" and m not in peft.METHODS]
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; choose from dfdhr, {', '.join(peft.METHODS)}")
-    if ours["params_only"]:
+    if opts.params_only:
         table = params_table(names)
         print(table)
         return table
-    train.parse_overrides(passed)  # refuse a bad option before the first run, not after ten
 
-    root = Path(ours["out_dir"])
+    root = Path(opts.out_dir)
     rows, test_sets = [], []
     for name in names:
         run = root / name
@@ -84,7 +75,7 @@ def main(argv):
         (run / "metrics.json").unlink(missing_ok=True)
         t0 = time.time()
         try:
-            train.main([f"--method={name}", f"--out_dir={run}", f"--max_iters={ours['max_iters']}", *passed])
+            train.main([f"--method={name}", f"--out_dir={run}", f"--max_iters={opts.max_iters}", *passed])
             error = None
         except SystemExit as e:  # a run that fails (a NaN loss, ...) is reported, the others still run
             error = str(e)
@@ -105,7 +96,7 @@ def main(argv):
         cells = [name, fmt(params, ","), *[fmt(metrics.get(t, {}).get("video_auc")) for t in test_sets],
                  fmt(gflops, ".3f"), f"{seconds:.0f}"]
         lines.append("| " + " | ".join(cells) + " |" + (f" failed: {error}" if error else ""))
-    settings = " ".join([f"--max_iters={ours['max_iters']}", *passed])
+    settings = " ".join([f"--max_iters={opts.max_iters}", *passed])
     table = (f"Same budget for every method: `{settings}`\n\n" + "\n".join(lines) + "\n\n"
              "GMAC (multiply-adds, the paper's FLOPs): train.py's estimate (dfdhr.estimate_flops) at the exits taken; for the methods of peft.py it is\n"
              "the plain ViT's, without the adapters' or prompts' own cost (VPT-deep runs N + 5 tokens).")

@@ -1,5 +1,5 @@
-"""Face-forgery data for DFD-HR: real frame folders, DeepfakeBench JSON files, and the
-training augmentation of SPEC §6. The built-in synthetic benchmark is in synthetic.py.
+"""Face-forgery data for DFD-HR: frame folders, DeepfakeBench JSON files, and the training
+augmentation of the paper's runs (DeepfakeBench's). The built-in synthetic benchmark is in synthetic.py.
 
 The paper trains on FaceForensics++ (c23) face crops and tests across methods and data sets;
 its released code reads DeepfakeBench's preprocessed JSON files (`DeepfakeBenchJSON`).
@@ -8,6 +8,7 @@ Every data set returns {"image": (C, S, S) CLIP-normalised, "label": 0 real / 1 
 "video": unique video id, "method": "real" or the forgery, "source": file or synthetic key}.
 Letters: H, W image height and width (H = W = S, the input size), C = 3 colour channels.
 """
+import copy
 import io
 import json
 import re
@@ -16,14 +17,15 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image, ImageEnhance, ImageFilter
+from PIL import Image, ImageFilter
 from torch.utils.data import Dataset, default_collate
 
 from vit import CLIP_MEAN, CLIP_STD
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm")  # read by extract.py (the optional video extra)
 _MEAN, _STD = np.array(CLIP_MEAN, np.float32), np.array(CLIP_STD, np.float32)
-_AUGMENT = 5  # random stream of the augmentation, apart from those of the synthetic data
+_AUGMENT, _HOLD_OUT = 5, 6  # random streams of the augmentation and the validation split, apart from synthetic.py's
 MIN_SIDE = 16  # a smaller image cannot be a face crop: it is skipped like an unreadable one
 
 
@@ -49,11 +51,14 @@ def load_image(path) -> Image.Image:
         raise ValueError(f"cannot read image {path}: {err}") from err
 
 
+def resize(img: Image.Image, image_size: int) -> Image.Image:
+    """A face crop to S x S, bicubic (DeepfakeBench: cv2 INTER_CUBIC)."""
+    return img if img.size == (image_size, image_size) else img.resize((image_size, image_size), Image.BICUBIC)
+
+
 def to_input(img: Image.Image, image_size: int) -> torch.Tensor:
     """CLIP preprocessing of a (square-ish) face crop: bicubic resize to S x S, [0, 1], normalise."""
-    if img.size != (image_size, image_size):
-        img = img.resize((image_size, image_size), Image.BICUBIC)
-    x = (np.asarray(img, dtype=np.float32) / 255 - _MEAN) / _STD  # (H, W, C)
+    x = (np.asarray(resize(img, image_size), dtype=np.float32) / 255 - _MEAN) / _STD  # (H, W, C)
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))  # (C, H, W)
 
 
@@ -96,8 +101,9 @@ class FrameDataset(Dataset):
             img = self.image(index)
         except ValueError as err:  # corrupt, truncated, not an image, too small: skipped and counted
             return {"skipped": str(err)}
-        if self.augment is not None:
-            img = self.augment(img, np.random.default_rng((self.seed, _AUGMENT, int(index), self.epoch)))
+        if self.augment is not None:  # on the face at the model's input size, as DeepfakeBench
+            img = self.augment(resize(img, self.image_size),
+                               np.random.default_rng((self.seed, _AUGMENT, int(index), self.epoch)))
         return {"image": to_input(img, self.image_size), "label": s.label, "video": s.video,
                 "method": s.method, "source": s.source}
 
@@ -116,11 +122,31 @@ def _natural_key(path) -> list:  # "frame_10" after "frame_9"
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(path))]
 
 
-def _evenly(frames: list, frames_per_video) -> list:
-    """`frames_per_video` frames spread evenly over the sorted list (all of them if fewer)."""
+def pick_frames(frames: list, frames_per_video, sampling="even") -> list:
+    """`frames_per_video` of the sorted frames (all of them if fewer): spread evenly over the video,
+    or the first ones, as DeepfakeBench takes them for the paper's runs (sampling="first")."""
     if frames_per_video is None or len(frames) <= frames_per_video:
         return list(frames)
+    if sampling == "first":
+        return list(frames[:frames_per_video])
     return [frames[i] for i in np.linspace(0, len(frames) - 1, frames_per_video).round().astype(int)]
+
+
+def hold_out_videos(dataset: FrameDataset, fraction: float, *, seed: int):
+    """Split a data set by video into (train, validation), `fraction` of each class's videos held out
+    (at least one), chosen by `seed`. Both are copies of `dataset` with fewer samples; the held-out
+    part is not augmented."""
+    rng = np.random.default_rng((seed, _HOLD_OUT))
+    held = set()
+    for label in (0, 1):
+        videos = sorted({s.video for s in dataset.samples if s.label == label})
+        n = max(1, round(fraction * len(videos))) if len(videos) > 1 else 0
+        held.update(rng.choice(videos, n, replace=False).tolist() if n else [])
+    train, val = copy.copy(dataset), copy.copy(dataset)
+    train.samples = [s for s in dataset.samples if s.video not in held]
+    val.samples = [s for s in dataset.samples if s.video in held]
+    val.augment = None
+    return train, val
 
 
 class FrameFolder(FrameDataset):
@@ -128,7 +154,7 @@ class FrameFolder(FrameDataset):
     (.png/.jpg/.jpeg). The video id is the video folder relative to ROOT, e.g.
     "fake/Deepfakes/000_003"; frames of files directly in fake/<video>/ get method "fake"."""
 
-    def __init__(self, root, *, frames_per_video, image_size, augment=None, seed=0):
+    def __init__(self, root, *, frames_per_video, image_size, sampling="even", augment=None, seed=0):
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"data root not found: {root}")
@@ -143,7 +169,8 @@ class FrameFolder(FrameDataset):
             for folder, frames in videos:
                 method = "real" if label == 0 else folder.parent.name if folder.parent != top else "fake"
                 video = folder.relative_to(root).as_posix()
-                self.samples += [Sample(str(f), label, video, method) for f in _evenly(frames, frames_per_video)]
+                self.samples += [Sample(str(f), label, video, method)
+                                 for f in pick_frames(frames, frames_per_video, sampling)]
 
     @staticmethod
     def _videos(top: Path) -> list:
@@ -194,7 +221,7 @@ class DeepfakeBenchJSON(FrameDataset):
     Relative frame paths (Windows separators allowed) are resolved against `data_root`, or
     the JSON's folder. The video id is "<label_name>/<video>", unique across methods."""
 
-    def __init__(self, json_path, *, dataset, split, frames_per_video, image_size,
+    def __init__(self, json_path, *, dataset, split, frames_per_video, image_size, sampling="even",
                  compression="c23", data_root=None, augment=None, seed=0):
         json_path = Path(json_path)
         if not json_path.is_file():
@@ -217,7 +244,7 @@ class DeepfakeBenchJSON(FrameDataset):
                 video_label = video.get("label", label_name)
                 label = deepfakebench_label(video_label)
                 frames = sorted((Path(p.replace("\\", "/")) for p in video["frames"]), key=_natural_key)
-                for f in _evenly(frames, frames_per_video):  # a video without frames adds nothing
+                for f in pick_frames(frames, frames_per_video, sampling):  # a video without frames adds nothing
                     self.samples.append(Sample(str(f if f.is_absolute() else base / f), label,
                                                f"{video_label}/{name}", "real" if label == 0 else video_label))
         if not self.samples:
@@ -231,55 +258,117 @@ class DeepfakeBenchJSON(FrameDataset):
 # ----------------------------------------------------------------------------- augmentation
 
 class Augment:
-    """SPEC §6 training augmentation: horizontal flip (probability `flip_p`), then each of
-    brightness/contrast, hue/saturation, JPEG quality 40-100, Gaussian noise, motion or glass
-    blur, gamma and cutout with probability `p`. Called as `augment(img, rng)`: the same
-    numpy Generator state gives the same result; without rng it uses its own (from `seed`)."""
+    """The training augmentation of the paper's runs, as DeepfakeBench applies it after resizing
+    the face to the model's input: each operation in this order, independently, with its
+    probability. `probability` scales every probability (1 = DeepfakeBench's). Called as
+    `augment(img, rng)`: the same numpy Generator state gives the same result."""
 
-    def __init__(self, *, p: float = 0.2, flip_p: float = 0.5, seed=None):
-        self.p, self.flip_p = p, flip_p
+    OPS = (("hflip", .5), ("brightness_contrast", .5), ("hue_saturation_value", .3), ("jpeg", .1),
+           ("gauss_noise", .1), ("motion_blur", .1), ("clahe", .1), ("channel_shuffle", .1), ("cutout", .1),
+           ("gamma", .3), ("glass_blur", .3))
+
+    def __init__(self, *, probability: float = 1.0, seed=None):
+        self.probability = probability
         self.rng = np.random.default_rng(seed)
 
     def __call__(self, img: Image.Image, rng: np.random.Generator = None) -> Image.Image:
         rng = self.rng if rng is None else rng
-        if rng.random() < self.flip_p:
-            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        if rng.random() < self.p:
-            img = ImageEnhance.Brightness(img).enhance(rng.uniform(0.8, 1.2))
-            img = ImageEnhance.Contrast(img).enhance(rng.uniform(0.8, 1.2))
-        if rng.random() < self.p:
-            h, s, v = img.convert("HSV").split()
-            shift = int(rng.integers(-10, 11))  # hue is a circle of 256 steps
-            h = h.point([(i + shift) % 256 for i in range(256)])
-            img = ImageEnhance.Color(Image.merge("HSV", (h, s, v)).convert("RGB")).enhance(rng.uniform(0.7, 1.3))
-        if rng.random() < self.p:
-            img = _jpeg(img, rng.integers(40, 101))
-        if rng.random() < self.p:
-            x = np.asarray(img, dtype=np.float32) + rng.normal(0.0, rng.uniform(2.0, 10.0), (img.height, img.width, 3))
-            img = Image.fromarray(np.clip(x + 0.5, 0, 255).astype(np.uint8))
-        if rng.random() < self.p:
-            img = self._motion_blur(img, rng) if rng.random() < 0.5 else self._glass_blur(img, rng)
-        if rng.random() < self.p:
-            gamma = rng.uniform(0.8, 1.25)
-            img = img.point([round(255 * (i / 255) ** gamma) for i in range(256)] * 3)
-        if rng.random() < self.p:
-            x = np.array(img)
-            side = int(min(x.shape[:2]) * rng.uniform(0.1, 0.3))
-            top, left = rng.integers(0, x.shape[0] - side + 1), rng.integers(0, x.shape[1] - side + 1)
-            x[top:top + side, left:left + side] = 0
-            img = Image.fromarray(x)
+        for name, p in self.OPS:
+            if rng.random() < p * self.probability:
+                img = getattr(self, name)(img, rng)
         return img
 
     @staticmethod
-    def _motion_blur(img, rng):  # a 5-pixel line kernel: horizontal, vertical or diagonal
-        k, i, kind = np.zeros((5, 5)), np.arange(5), rng.integers(4)
-        k[(2, i) if kind == 0 else (i, 2) if kind == 1 else (i, i if kind == 2 else 4 - i)] = 1
-        return img.filter(ImageFilter.Kernel((5, 5), k.ravel().tolist(), scale=k.sum()))
+    def hflip(img, rng):
+        return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
 
     @staticmethod
-    def _glass_blur(img, rng):  # blur, then every pixel takes the value of a random neighbour
+    def brightness_contrast(img, rng):  # x·(1 + c) + 255·b, c and b in ±0.2
+        x = np.asarray(img, np.float32) * rng.uniform(0.8, 1.2) + 255 * rng.uniform(-0.2, 0.2)
+        return _image(x)
+
+    @staticmethod
+    def hue_saturation_value(img, rng):  # hue ±20 of OpenCV's 180 steps (±40°), saturation ±30, value ±20
+        hsv = np.asarray(img.convert("HSV"), np.float32)
+        hsv[..., 0] = (hsv[..., 0] + rng.uniform(-20, 20) * 256 / 180) % 256
+        hsv[..., 1:] += [rng.uniform(-30, 30), rng.uniform(-20, 20)]
+        return Image.fromarray(np.clip(hsv + 0.5, 0, 255).astype(np.uint8), "HSV").convert("RGB")
+
+    @staticmethod
+    def jpeg(img, rng):
+        return _jpeg(img, rng.integers(40, 101))
+
+    @staticmethod
+    def gauss_noise(img, rng):  # variance 10-50 (in 8-bit steps²)
+        x = np.asarray(img, np.float32)
+        return _image(x + rng.normal(0.0, np.sqrt(rng.uniform(10, 50)), x.shape))
+
+    @staticmethod
+    def motion_blur(img, rng):  # the mean along a line of 3, 5 or 7 pixels through each pixel, any angle
+        r = int(rng.choice([1, 2, 3]))
+        angle, t = rng.uniform(0, np.pi), np.linspace(-r, r, 8 * r + 1)
+        offsets = sorted(set(zip(np.round(t * np.sin(angle)).astype(int), np.round(t * np.cos(angle)).astype(int))))
+        x = np.pad(np.asarray(img, np.float32), ((r, r), (r, r), (0, 0)), mode="edge")
+        h, w = img.height, img.width
+        return _image(sum(x[r + dy:r + dy + h, r + dx:r + dx + w] for dy, dx in offsets) / len(offsets))
+
+    @staticmethod
+    def clahe(img, rng):  # contrast-limited adaptive histogram equalisation of the lightness, 8×8 tiles
+        lab = np.array(img.convert("LAB"))
+        lab[..., 0] = clahe(lab[..., 0], clip_limit=rng.uniform(1, 4))
+        return Image.fromarray(lab, "LAB").convert("RGB")
+
+    @staticmethod
+    def channel_shuffle(img, rng):
+        return Image.fromarray(np.asarray(img)[..., rng.permutation(3)])
+
+    @staticmethod
+    def cutout(img, rng):  # 8 black squares of 8 pixels
+        x = np.array(img)
+        for top, left in zip(rng.integers(0, x.shape[0], 8), rng.integers(0, x.shape[1], 8)):
+            x[top:top + 8, left:left + 8] = 0
+        return Image.fromarray(x)
+
+    @staticmethod
+    def gamma(img, rng):  # gamma 0.8-1.2
+        g = rng.uniform(0.8, 1.2)
+        return img.point([round(255 * (i / 255) ** g) for i in range(256)] * 3)
+
+    @staticmethod
+    def glass_blur(img, rng):  # blur σ 0.7, twice every pixel takes a neighbour's value up to 4 away, blur again
         x = np.asarray(img.filter(ImageFilter.GaussianBlur(0.7)))
         h, w = x.shape[:2]
-        rows = np.clip(np.arange(h)[:, None] + rng.integers(-1, 2, (h, w)), 0, h - 1)
-        cols = np.clip(np.arange(w)[None, :] + rng.integers(-1, 2, (h, w)), 0, w - 1)
-        return Image.fromarray(x[rows, cols])
+        for _ in range(2):
+            rows = np.clip(np.arange(h)[:, None] + rng.integers(-4, 5, (h, w)), 0, h - 1)
+            cols = np.clip(np.arange(w)[None, :] + rng.integers(-4, 5, (h, w)), 0, w - 1)
+            x = x[rows, cols]
+        return Image.fromarray(x).filter(ImageFilter.GaussianBlur(0.7))
+
+
+def _image(x):  # float (H, W, C) in 8-bit units -> uint8 RGB
+    return Image.fromarray(np.clip(x + 0.5, 0, 255).astype(np.uint8))
+
+
+def clahe(channel, *, clip_limit, tiles=8):
+    """Contrast-limited adaptive histogram equalisation of a uint8 (H, W) channel: each tile's
+    histogram is clipped at clip_limit × its mean count (the excess spread over all bins) and
+    turned into a mapping; each pixel blends the mappings of its four nearest tile centres."""
+    h, w = channel.shape
+    ys, xs = np.linspace(0, h, tiles + 1).astype(int), np.linspace(0, w, tiles + 1).astype(int)
+    maps = np.empty((tiles, tiles, 256))
+    for i in range(tiles):
+        for j in range(tiles):
+            hist = np.bincount(channel[ys[i]:ys[i + 1], xs[j]:xs[j + 1]].ravel(), minlength=256).astype(float)
+            limit = max(1.0, clip_limit * hist.sum() / 256)
+            hist = np.minimum(hist, limit) + (hist - np.minimum(hist, limit)).sum() / 256
+            maps[i, j] = np.round(255 * np.cumsum(hist) / max(hist.sum(), 1))
+    cy, cx = (ys[:-1] + ys[1:]) / 2, (xs[:-1] + xs[1:]) / 2  # tile centres
+    fy = np.clip(np.interp(np.arange(h), cy, np.arange(tiles)), 0, tiles - 1)  # (H,) tile coordinate
+    fx = np.clip(np.interp(np.arange(w), cx, np.arange(tiles)), 0, tiles - 1)
+    y0, x0 = np.floor(fy).astype(int), np.floor(fx).astype(int)
+    y1, x1 = np.minimum(y0 + 1, tiles - 1), np.minimum(x0 + 1, tiles - 1)
+    wy, wx = (fy - y0)[:, None], (fx - x0)[None, :]
+    v = channel
+    out = ((1 - wy) * ((1 - wx) * maps[y0[:, None], x0[None, :], v] + wx * maps[y0[:, None], x1[None, :], v])
+           + wy * ((1 - wx) * maps[y1[:, None], x0[None, :], v] + wx * maps[y1[:, None], x1[None, :], v]))
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)

@@ -1,22 +1,27 @@
-"""The DFD-HR model: multi-scale split fusion around a routed CLIP ViT (SPEC §2-§7).
+"""The DFD-HR model: a CLIP ViT routed over layers, tokens and experts, seen at two scales.
 
-A 448 face crop is seen twice by one shared backbone (SPEC §2): as a whole ("global" view,
-bicubic resize to 224) and as its 2×2 split ("local" views, four 224 crops stacked on the batch
-axis). The global view runs first; its final CLS is the query whose cosine similarity ranks the
-local views' tokens for the Spearman rank loss (§4). In every layer a mixture of adapters follows
-attention and MLP (§5); in the routed layers K..L-1 a layer judge may end the sample's pass
-(§3) and a token judge keeps the top tokens (§4). The four split CLS are pooled by a learned
-query (4-head attention), concatenated with the global CLS and classified.
+`DFDHR.forward` follows the paper's method figure from left to right:
+  1. Multi-Scale Fusion: the 448 face crop becomes the original image, resized to the backbone's
+     224 (`global_view`), and the split images, its four 224 quadrants stacked on the batch axis
+     (`split_2x2`). One backbone runs both, the original image first.
+  2. The routed encoder (`DFDHR.encode`), the figure's "i-th layer" for i = 0..L-1: a mixture of
+     adapters after attention and after the MLP in every layer (Token-level Expert Routing); in
+     the routed layers K..L-1 a layer judge may end the sample's pass (Early Layer Pruning) and a
+     token judge keeps the top tokens (Token Selection).
+  3. The original image's final CLS is the global query: the split images' tokens are ranked by
+     their cosine similarity to it, and the token judges learn that order (L_rank).
+  4. Query pooling of the four split CLS, concatenation with the global CLS, a linear head;
+     L = L_cls + λ·L_rank (`dfdhr_loss`).
 
 At inference an exited sample and a dropped token cost nothing: routed layers run on the active
 rows and kept tokens only. In training every row runs every layer, since the straight-through
 update H' = p·Layer(H) + (1-p)·H needs Layer(H) for the judge's gradient.
 
-Letters: B batch, V views (1 global + 4 splits), L layers, N tokens, K kept tokens, D width,
-E experts.
+Letters: B batch, V views (1 global + 4 splits), L layers, R routed layers, N tokens, K kept
+tokens, D width, C projection width, E experts.
 """
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
@@ -30,46 +35,53 @@ from vit import VisionTransformer
 
 @dataclass(frozen=True)
 class DFDHRConfig:
-    # Backbone, SPEC §1 (CLIP ViT-L/14). Replaced by the sizes of a loaded checkpoint.
+    # Backbone: CLIP ViT-L/14. Replaced by the sizes of a loaded checkpoint.
     view_size: int = 224          # backbone input; each view is this big (CLIP)
     patch_size: int = 14          # ViT-L/14
     width: int = 1024             # D
     layers: int = 24              # L
     heads: int = 16               # ViT-L/14: 1024 / 64
-    embed_dim: int = 768          # CLIP projection output
-    # Multi-Scale Fusion, SPEC §2.
+    embed_dim: int = 768          # C, CLIP projection output
+    # Multi-Scale Fusion.
     image_size: int = 448         # input face crop, split 2×2 into view_size crops (paper)
-    multi_scale: bool = True      # False: global view only (the baseline)
+    multi_scale: bool = True      # False: the original image only (the baseline)
     pool_heads: int = 4           # heads of the query pooling of the split CLS (released code)
-    route_global: bool = True     # Tab. B "Split+Origin": routers also in the global branch
-    share_routers: bool = True    # Tab. B "w.i. shared": one set of judges and experts for both branches
-    # Early Layer Pruning, SPEC §3.
+    route_global: bool = True     # supp. Tab. B "Split+Origin": routers also in the original image's branch
+    share_routers: bool = True    # supp. Tab. B "w.i. shared": one set of judges and experts for both branches
+    # Early Layer Pruning.
     layer_pruning: bool = True
     first_routed_layer: int = 20  # K: layers K..L-1 are routed (paper: the last four)
     judge_hidden: int = 64        # layer judge Linear(D, 64) -> ReLU -> Linear(64, 1) (released code)
     gumbel_tau: float = 1.0       # τ of the Gumbel-sigmoid (released code)
-    # Token Selection, SPEC §4.
+    gumbel_draw: str = "logistic"  # two-class Gumbel noise, fires with σ(logit); released code: "gumbel"
+    judge_gradient: bool = True   # the paper's update p·Layer(H) + (1-p)·H; released code: False (p picks rows)
+    route_last_layer: bool = True  # released code: False, layer L-1 runs for every sample, unrouted
+    # Token Selection.
     token_selection: bool = True
     keep_ratio: float = 0.75      # 1 - R%: k = ⌊0.75·257⌋ = 192 (paper)
-    cls_eligible: bool = True     # Tab. C(a) "CLS+Patch": CLS is scored like any token
-    post_weight: bool = True      # Tab. C(b): weight kept tokens by 1 + softmax after the block
-    share_token_judges: bool = False  # Tab. C(c) "w.i. shared": one token judge for all routed layers
-    rank_weight: float = 0.1      # λ of L = CE + λ·L_rank (paper)
+    cls_eligible: bool = True     # supp. Tab. C(a) "CLS+Patch": CLS is scored like any token
+    post_weight: bool = True      # supp. Tab. C(b): weight kept tokens by 1 + softmax after the block
+    share_token_judges: bool = False  # supp. Tab. C(c) "w.i. shared": one token judge for all routed layers
+    rank_weight: float = 0.1      # λ of L = L_cls + λ·L_rank (released code)
     rank_temperature: float = 0.1  # soft-rank temperature, in units of the scores' std (routing.py)
-    # Token-level Expert Routing, SPEC §5.
+    soft_rank: bool = True        # released code: False, argsort ranks (no gradient reaches the judges)
+    rank_all_layers: bool = True  # L_rank averaged over the routed layers; released code: False, layer K only
+    # Token-level Expert Routing.
     expert_routing: bool = True
     num_experts: int = 4          # E (paper)
     adapter_rank: int = 256       # adapter bottleneck D -> 256 -> D (released code)
-    # Training, SPEC §6.
-    freeze_backbone: bool = True  # released code; False = full fine-tuning (paper's baseline, lr 1e-6)
+    gate_noise: bool = True       # the noisy gate of Eq. 13 in training; released code: False
+    # Training.
+    freeze_backbone: bool = True  # released code; False = full fine-tuning (the paper's baseline, lr 1e-6)
     num_classes: int = 2          # real, fake
 
     def __post_init__(self):
         problems = []
         if not 0 < self.keep_ratio <= 1:
             problems.append(f"keep_ratio={self.keep_ratio} must be in (0, 1]")
-        if not 0 <= self.first_routed_layer < self.layers:
-            problems.append(f"first_routed_layer={self.first_routed_layer} must be in [0, layers={self.layers})")
+        if not 0 <= self.first_routed_layer < self.layers - (0 if self.route_last_layer else 1):
+            problems.append(f"first_routed_layer={self.first_routed_layer} leaves no routed layer "
+                            f"(layers={self.layers}, route_last_layer={self.route_last_layer})")
         if self.view_size % self.patch_size:
             problems.append(f"view_size={self.view_size} is not a multiple of patch_size={self.patch_size}")
         if self.width % self.heads:
@@ -80,6 +92,8 @@ class DFDHRConfig:
             problems.append(f"embed_dim={self.embed_dim} is not divisible by pool_heads={self.pool_heads}")
         if min(self.num_experts, self.adapter_rank, self.judge_hidden, self.gumbel_tau, self.rank_temperature) <= 0:
             problems.append("num_experts, adapter_rank, judge_hidden, gumbel_tau and rank_temperature must be > 0")
+        if self.gumbel_draw not in ("logistic", "gumbel"):
+            problems.append(f"gumbel_draw={self.gumbel_draw!r} must be 'logistic' or 'gumbel'")
         if problems:
             raise ValueError("invalid DFDHRConfig: " + "; ".join(problems))
 
@@ -87,32 +101,45 @@ class DFDHRConfig:
     def num_tokens(self):
         return (self.view_size // self.patch_size) ** 2 + 1  # N = 257 for ViT-L/14 at 224
 
+    @property
+    def routed_layers(self):
+        return range(self.first_routed_layer, self.layers if self.route_last_layer else self.layers - 1)
+
+    @property
+    def routing(self):
+        return self.layer_pruning or self.token_selection or self.expert_routing
+
 
 PRESETS = {
     "paper": DFDHRConfig(),
-    # A backbone small enough to train from scratch on 2 CPU cores (no CLIP weights exist there):
-    # 64 px views of 8 px patches (N = 65), 8 layers of width 128, the last four routed as in the paper.
-    "small": DFDHRConfig(view_size=64, patch_size=8, width=128, layers=8, heads=4, embed_dim=128, image_size=128,
-                         first_routed_layer=4, judge_hidden=32, adapter_rank=32, freeze_backbone=False),
+    # Small enough for 2 CPU cores: 64 px views of 8 px patches (N = 65), 8 layers of width 128 with
+    # OpenAI's head width of 64, the last four routed as in the paper.
+    "small": DFDHRConfig(view_size=64, patch_size=8, width=128, layers=8, heads=2, embed_dim=128, image_size=128,
+                         first_routed_layer=4, judge_hidden=32, adapter_rank=32),
 }
 
-# Each row of the paper's ablations as a change of the config.
+# Each row of the paper's ablations as a change of the config. The main ablation (Tab. 8 of the
+# paper) adds one router at a time to the baseline, full fine-tuning of the original image at lr
+# 1e-6; rows without experts keep that regime (supp. Sec. B: variants are trained "consistent
+# with our baseline"), rows with experts freeze the backbone as the full model does.
 ABLATIONS = {
-    # Main ablation (SPEC §8): the baseline is full fine-tuning of the global view alone.
     "baseline": dict(multi_scale=False, layer_pruning=False, token_selection=False, expert_routing=False,
                      freeze_backbone=False),
-    "+layer_pruning": dict(multi_scale=False, token_selection=False, expert_routing=False),
-    "+token_selection": dict(multi_scale=False, expert_routing=False),
+    "+layer_pruning": dict(multi_scale=False, token_selection=False, expert_routing=False, freeze_backbone=False),
+    "+token_selection": dict(multi_scale=False, expert_routing=False, freeze_backbone=False),
     "+expert_routing": dict(multi_scale=False),
-    "fusion_only": dict(layer_pruning=False, token_selection=False, expert_routing=False),
+    "fusion_only": dict(layer_pruning=False, token_selection=False, expert_routing=False, freeze_backbone=False),
     "full": dict(),
-    # Tab. B
+    # supp. Tab. B
     "split_only": dict(route_global=False),
     "separate_routers": dict(share_routers=False),
-    # Tab. C
+    # supp. Tab. C
     "patch_only": dict(cls_eligible=False),
     "pre_weight": dict(post_weight=False),
     "shared_token_judges": dict(share_token_judges=True),
+    # The released code's routing, each difference its own switch (README, "Where we differ").
+    "released": dict(judge_gradient=False, gumbel_draw="gumbel", soft_rank=False, rank_all_layers=False,
+                     route_last_layer=False, gate_noise=False),
 }
 
 
@@ -133,57 +160,115 @@ def layer_flops(n, d, m):
 
 
 def estimate_flops(config, exit_layer=None):
-    """FLOPs of one view, the supplementary's formula plus the experts' cost.
+    """FLOPs of one view: the supplementary's formula plus the experts' cost.
 
     K·(4nd²+2n²d+2ndm) + (T-K)·(4n̂d²+2n̂²d+2n̂dm), with n̂ = ⌊keep·n⌋ after token selection and T
-    the exit layer (a number or a tensor of them; default L). Like the paper, a "FLOP" here is a
-    multiply-add (a FLOP counter reports twice as many). Each mixture of adapters costs
-    E·2dr (adapters) + 2dE (gate, expert biases) per token, two per layer. Omitted, as in the
-    paper: patch embedding, layer norms, softmax, element-wise ops, judges, pooling and head.
+    the exit layer (a number or a tensor of them; default L). A "FLOP" is a multiply-add, as in the
+    paper. Each mixture of adapters costs E·2dr (adapters) + 2dE (gate, expert biases) per token,
+    two per layer. An unrouted last layer (released code) runs on all n tokens for every sample.
+    Omitted, as in the paper: patch embedding, norms, softmax, element-wise ops, judges, pooling, head.
     """
     n, d, m, K = config.num_tokens, config.width, 4 * config.width, config.first_routed_layer
-    T = config.layers if exit_layer is None else exit_layer
+    routed = config.routed_layers
+    T = routed.stop if exit_layer is None else exit_layer
+    T = torch.clamp(T, max=routed.stop) if torch.is_tensor(T) else min(T, routed.stop)
     n_hat = num_kept(n, config.keep_ratio) if config.token_selection else n
     experts = 2 * (config.num_experts * 2 * d * config.adapter_rank + 2 * d * config.num_experts) \
         if config.expert_routing else 0
-    return K * (layer_flops(n, d, m) + n * experts) + (T - K) * (layer_flops(n_hat, d, m) + n_hat * experts)
+    full, selected = layer_flops(n, d, m) + n * experts, layer_flops(n_hat, d, m) + n_hat * experts
+    return K * full + (T - K) * selected + (config.layers - routed.stop) * full
 
 
 # ---------------------------------------------------------------------------------------------
 # The model
 # ---------------------------------------------------------------------------------------------
 
+def global_view(x, size):
+    """The original image of Multi-Scale Fusion: the face crop resized to the backbone's input,
+    bicubic without antialiasing as the released code (an antialias filter removes the high
+    frequencies that carry forgery cues). (B, 3, S, S) -> (B, 3, size, size)."""
+    if x.shape[-1] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
+
+
+def split_2x2(x):  # (B, 3, 2v, 2v) -> (4B, 3, v, v), the four crops of a sample adjacent, row-major
+    B, C, S, _ = x.shape
+    v = S // 2
+    return x.view(B, C, 2, v, 2, v).permute(0, 2, 4, 1, 3, 5).reshape(B * 4, C, v, v)
+
+
+def by_view(glob, local=None):  # original (B, ...) and split (4B, ...) -> (B, V, ...), V = 1 + 4
+    if local is None:
+        return glob[:, None]
+    return torch.cat([glob[:, None], local.view(len(glob), 4, *local.shape[1:])], 1)
+
+
 class Routers(nn.Module):
-    """One branch's routers: layer and token judges for the routed layers, experts for all layers."""
+    """One branch's routers: layer and token judges for the routed layers, experts for every layer."""
 
     def __init__(self, config):
         super().__init__()
-        D, R = config.width, config.layers - config.first_routed_layer
+        D, R = config.width, len(config.routed_layers)
         self.layer_judges = nn.ModuleList(LayerJudge(dim=D, hidden=config.judge_hidden) for _ in range(R)) \
             if config.layer_pruning else None
         if config.token_selection:
-            judges = [TokenJudge(dim=D)] * R if config.share_token_judges else [TokenJudge(dim=D) for _ in range(R)]
-            self.token_judges = nn.ModuleList(judges)
+            shared = TokenJudge(dim=D)
+            self.token_judges = nn.ModuleList(shared if config.share_token_judges else TokenJudge(dim=D)
+                                              for _ in range(R))
         else:
             self.token_judges = None
-        self.experts = nn.ModuleList(  # per layer: after attention, after MLP
-            nn.ModuleList(MixtureOfAdapters(dim=D, num_experts=config.num_experts, rank=config.adapter_rank)
-                          for _ in range(2)) for _ in range(config.layers)) if config.expert_routing else None
+        self.experts = nn.ModuleList(  # per layer: after attention, after the MLP
+            nn.ModuleList(MixtureOfAdapters(dim=D, num_experts=config.num_experts, rank=config.adapter_rank,
+                                            noise=config.gate_noise) for _ in range(2))
+            for _ in range(config.layers)) if config.expert_routing else None
+
+
+class QueryPooling(nn.Module):
+    """The figure's "Q": a learned query attends over the split images' CLS, (B, 4, C) -> (B, C)."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(1, 1, dim) * dim ** -0.5)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+
+    def forward(self, tokens):
+        query = self.query.repeat(len(tokens), 1, 1).to(tokens.dtype)  # (B, 1, C), a copy: hooks may edit it
+        return self.attn(query, tokens, tokens, need_weights=False)[0][:, 0]
+
+
+class LayerOut(NamedTuple):
+    h: torch.Tensor        # (b, N, D) Layer_i(H_i)
+    gates: torch.Tensor    # (b, 2, E) mean expert weights after attention and after the MLP, or None
+    kept: torch.Tensor     # (b, K) kept tokens in a routed layer with token selection, or None
+    scores: torch.Tensor   # (b, N) the token judge's scores, or None
+
+
+def on_active_rows(layer, h, active):
+    """Inference with exits: run `layer` on the rows still active only. Exited rows keep their
+    hidden state, and get gates NaN and kept tokens -1, so every output stays full-size."""
+    rows = active.nonzero().squeeze(1)
+    out = layer(h[rows])
+
+    def full(t, fill):
+        return None if t is None else t.new_full((len(h), *t.shape[1:]), fill).index_copy(0, rows, t)
+
+    return LayerOut(h.index_copy(0, rows, out.h.to(h.dtype)), full(out.gates, math.nan), full(out.kept, -1), None)
 
 
 class Encoded(NamedTuple):
     cls: torch.Tensor         # (B, D) final CLS, before ln_post
-    exit_layer: torch.Tensor  # (B,) number of blocks run
-    kept: list                # per routed layer (B, K) kept token indices, -1 where the sample had exited
-    gates: torch.Tensor       # (B, L, 2, E) mean gate weight per layer and adapter, NaN where skipped
-    rank_loss: torch.Tensor   # () mean over routed layers, 0 without a query
+    exit_layer: torch.Tensor  # (B,) number of routed-range blocks run: L (or K..L-1 after an exit)
+    kept: list                # per routed layer (B, K) kept token indices, -1 where exited or unrouted
+    gates: torch.Tensor       # (B, L, 2, E) mean expert gate weights, NaN where skipped or without experts
+    ranked: list              # training: per routed layer (scores (B, N), input tokens (B, N, D)) for L_rank
     flops: torch.Tensor       # (B,) multiply-adds spent (estimate_flops at the exit layer)
 
 
 class DFDHROutput(NamedTuple):
     logits: torch.Tensor      # (B, 2)
-    rank_loss: torch.Tensor   # () L_rank, averaged over routed layers
-    exit_layer: torch.Tensor  # (B, V) blocks run per view; V = 1 (global) + 4 (splits, row-major)
+    rank_loss: torch.Tensor   # () L_rank
+    exit_layer: torch.Tensor  # (B, V) per view; V = 1 (original image) + 4 (splits, row-major)
     kept: list                # per routed layer (B, V, K) kept token indices, -1 where exited
     gates: torch.Tensor       # (B, V, L, 2, E) mean expert gate weights, NaN where skipped
     flops: torch.Tensor       # (B,) multiply-adds spent over all views (estimate_flops at each exit)
@@ -195,19 +280,29 @@ class Loss(NamedTuple):
     rank: torch.Tensor
 
 
+def rank_loss(ranked, query, config):
+    """L_rank = 1 - Spearman(token judge scores, cos(input tokens, query)), averaged over the
+    routed layers (the released code: the first routed layer only). 0 without token selection."""
+    if not ranked:
+        return query.new_zeros(()).float()
+    layers = ranked if config.rank_all_layers else ranked[:1]
+    temperature = config.rank_temperature if config.soft_rank else None
+    return torch.stack([spearman_loss(scores.float(), F.cosine_similarity(tokens.float(), query[:, None].float(), dim=-1),
+                                      temperature=temperature) for scores, tokens in layers]).mean()
+
+
 def dfdhr_loss(out, labels, config):
-    """L = CE(logits, label) + λ·L_rank (SPEC §6), the one place the losses are weighted."""
+    """L = L_cls + λ·L_rank, the one place the losses are weighted."""
     ce = F.cross_entropy(out.logits.float(), labels)
     return Loss(ce + config.rank_weight * out.rank_loss, ce, out.rank_loss)
 
 
-def split_2x2(x):  # (B, 3, 2v, 2v) -> (4B, 3, v, v), the four crops of a sample adjacent, row-major
-    B, C, S, _ = x.shape
-    v = S // 2
-    return x.view(B, C, 2, v, 2, v).permute(0, 2, 4, 1, 3, 5).reshape(B * 4, C, v, v)
-
-
 class DFDHR(nn.Module):
+    """DFD-HR as in the paper's method figure: the original image (top) and the split images
+    (bottom) through one backbone whose layers route over layers, tokens and experts; the global
+    query ranks the split images' tokens (L_rank); query pooling "Q", concatenation "C" and a
+    linear head give L_cls. See the module docstring for the order of `forward`."""
+
     def __init__(self, config, backbone=None):
         """`backbone`: a loaded CLIP ViT (vit.load_clip); the config's backbone sizes are taken from it."""
         super().__init__()
@@ -222,117 +317,114 @@ class DFDHR(nn.Module):
                              image_size=2 * backbone.image_size if config.multi_scale else backbone.image_size)
         self.config = config
         self.backbone = backbone.requires_grad_(not config.freeze_backbone)
-        any_routing = config.layer_pruning or config.token_selection or config.expert_routing
-        branches = 1 if config.share_routers or not (config.multi_scale and config.route_global) else 2
-        self.routers = nn.ModuleList(Routers(config) for _ in range(branches)) if any_routing else None
+        routed_global = config.routing and (config.route_global or not config.multi_scale)
+        routed_local = config.routing and config.multi_scale
+        self.global_routers = Routers(config) if routed_global else None
+        if routed_local and routed_global and config.share_routers:  # supp. Tab. B "w.i. shared"
+            self.local_routers = self.global_routers
+        else:
+            self.local_routers = Routers(config) if routed_local else None
         C = config.embed_dim
-        if config.multi_scale:
-            self.pool_query = nn.Parameter(torch.randn(1, 1, C) * C ** -0.5)
-            self.pool = nn.MultiheadAttention(C, config.pool_heads, batch_first=True)
+        self.pool = QueryPooling(C, config.pool_heads) if config.multi_scale else None
         self.head = nn.Linear(2 * C if config.multi_scale else C, config.num_classes)
 
     def param_groups(self, *, lr, backbone_lr):
-        """Parameters by role, each an optimizer group: backbone, layer_judges, token_judges, experts, fusion, head."""
-        groups = {}
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            role = ("backbone" if name.startswith("backbone.") else
-                    name.split(".")[2] if name.startswith("routers.") else
-                    "fusion" if name.startswith("pool") else "head")
-            groups.setdefault(role, []).append(p)
-        return [dict(name=role, params=ps, lr=backbone_lr if role == "backbone" else lr) for role, ps in groups.items()]
+        """One optimizer group per role: backbone, layer_judges, token_judges, experts, fusion, head."""
+        branches = {id(r): r for r in (self.global_routers, self.local_routers) if r is not None}.values()
+        roles = {"backbone": [self.backbone], "fusion": [self.pool], "head": [self.head],
+                 **{role: [getattr(r, role) for r in branches] for role in ("layer_judges", "token_judges", "experts")}}
+        groups, seen = [], set()
+        for role, modules in roles.items():
+            params = [p for m in modules if m is not None for p in m.parameters() if p.requires_grad and id(p) not in seen]
+            seen.update(id(p) for p in params)
+            if params:
+                groups.append(dict(name=role, params=params, lr=backbone_lr if role == "backbone" else lr))
+        return groups
 
-    def _block(self, i, x, experts, gate_sink):
-        """Block i with a mixture of adapters after attention and after the MLP (SPEC §5)."""
-        block = self.backbone.blocks[i]
-        a = block.attn(block.ln_1(x))
-        if experts is not None:
-            a, g_attn = experts[0](a)
+    def block(self, i, x, experts):
+        """Block i with a mixture of adapters after attention and after the MLP, before each residual
+        add (Token-level Expert Routing): (b, n, D) -> (b, n, D), and the gates (b, 2, E) or None."""
+        blk = self.backbone.blocks[i]
+        a = blk.attn(blk.ln_1(x))
+        if experts is None:
+            x = x + a
+            return x + blk.mlp(blk.ln_2(x)), None
+        a, g_attn = experts[0](a)
         x = x + a
-        m = block.mlp(block.ln_2(x))
-        if experts is not None:
-            m, g_mlp = experts[1](m)
-            gate_sink.append(torch.stack([g_attn.mean(1), g_mlp.mean(1)], 1).detach())  # (b, 2, E)
-        return x + m
+        m, g_mlp = experts[1](blk.mlp(blk.ln_2(x)))
+        return x + m, torch.stack([g_attn.mean(1), g_mlp.mean(1)], 1).detach()
 
-    def encode(self, x, routers, query=None):
-        """One view through the routed backbone: (B, 3, v, v) -> Encoded. `query` (B, D) enables L_rank."""
-        cfg, L, K = self.config, self.config.layers, self.config.first_routed_layer
+    def layer(self, i, routers, h):
+        """Layer i on the rows h (b, N, D): Token Selection in a routed layer, experts in every layer."""
+        cfg = self.config
+        experts = routers.experts[i] if routers is not None and routers.experts is not None else None
+        if routers is None or routers.token_judges is None or i not in cfg.routed_layers:
+            out, gates = self.block(i, h, experts)
+            return LayerOut(out, gates, None, None)
+        scores = routers.token_judges[i - cfg.first_routed_layer](h)  # (b, N)
+        sel = run_on_selected(h, scores, lambda t: self.block(i, t, experts), keep=cfg.keep_ratio,
+                              cls_eligible=cfg.cls_eligible, post_weight=cfg.post_weight)
+        return LayerOut(sel.out, sel.aux, sel.idx, scores)
+
+    def encode(self, x, routers):
+        """One view through the routed backbone: (B, 3, v, v) -> Encoded; `routers` None runs it plainly."""
+        cfg = self.config
+        L, K, routed = cfg.layers, cfg.first_routed_layer, cfg.routed_layers
         h = self.backbone.embed(x)  # (B, N, D)
-        B = h.shape[0]
+        B = len(h)
         active = h.new_ones(B)  # running product of the layer gates: 1 while the sample runs
         exit_layer = torch.full((B,), L, device=h.device)
         gates = h.new_full((B, L, 2, cfg.num_experts), math.nan)
-        kept, rank_losses = [], []
+        kept = [torch.full((B, num_kept(cfg.num_tokens, cfg.keep_ratio)), -1, device=h.device)
+                for _ in routed] if cfg.token_selection else []
+        ranked = []
         for i in range(L):
-            r = i - K  # index among routed layers, negative before K
-            experts = routers.experts[i] if routers is not None and routers.experts is not None else None
-            rows = None  # inference: the rows still active, the only ones that run
-            if r >= 0 and routers is not None and routers.layer_judges is not None:
-                p = gumbel_sigmoid(routers.layer_judges[r](h[:, 0]), tau=cfg.gumbel_tau, training=self.training)
-                active = still_active(active, p)
+            h_in = h  # (B, N, D) the layer's input, ranked by L_rank
+            judge = routers.layer_judges[i - K] if routers is not None and routers.layer_judges is not None \
+                and i in routed else None
+            if judge is None:
+                out = self.layer(i, routers, h)
+                h = out.h
+            else:  # Early Layer Pruning
+                p = gumbel_sigmoid(judge(h[:, 0]), tau=cfg.gumbel_tau, draw=cfg.gumbel_draw, training=self.training)
+                active = still_active(active, p if cfg.judge_gradient else p.detach())
                 exit_layer = torch.where((exit_layer == L) & (active.detach() < 0.5), i, exit_layer)
-                if not self.training:
-                    rows = active.nonzero().squeeze(1)
-            hr = h if rows is None else h[rows]  # (b, N, D)
-            sink = []
-            if r >= 0 and routers is not None and routers.token_judges is not None:
-                scores = routers.token_judges[r](hr)  # (b, N)
-                if query is not None and self.training:
-                    target = F.cosine_similarity(hr.float(), query[:, None].float(), dim=-1)  # (B, N)
-                    rank_losses.append(spearman_loss(scores.float(), target, temperature=cfg.rank_temperature))
-                out, idx = run_on_selected(hr, scores, lambda t: self._block(i, t, experts, sink),
-                                           keep=cfg.keep_ratio, cls_eligible=cfg.cls_eligible,
-                                           post_weight=cfg.post_weight)
-                kept.append(idx if rows is None else idx.new_full((B, idx.shape[1]), -1).index_copy(0, rows, idx))
-            else:
-                out = self._block(i, hr, experts, sink)
-            if sink:
-                gates[:, i] = sink[0] if rows is None else gates[:, i].index_copy(0, rows, sink[0])
-            if rows is not None:
-                h = h.index_copy(0, rows, out.to(h.dtype))
-            elif r >= 0 and routers is not None and routers.layer_judges is not None:
-                h = routed_update(h, out, active)
-            else:
-                h = out
-        rank_loss = torch.stack(rank_losses).mean() if rank_losses else h.new_zeros(()).float()
+                if self.training:
+                    out = self.layer(i, routers, h)
+                    h = routed_update(h, out.h, active)
+                else:
+                    out = on_active_rows(lambda rows: self.layer(i, routers, rows), h, active)
+                    h = out.h
+            ran = (exit_layer == L) | (i >= routed.stop)  # (B,) the rows whose state this layer changed
+            if out.gates is not None:
+                gates[:, i] = out.gates.float().masked_fill(~ran[:, None, None], math.nan)
+            if out.kept is not None:
+                kept[i - K] = out.kept.masked_fill(~ran[:, None], -1)
+                if self.training:
+                    ranked.append((out.scores, h_in))
         spent = cfg if routers is not None else replace(cfg, token_selection=False, expert_routing=False)
-        return Encoded(h[:, 0], exit_layer, kept, gates, rank_loss, estimate_flops(spent, exit_layer))
+        return Encoded(h[:, 0], exit_layer, kept, gates, ranked, estimate_flops(spent, exit_layer))
 
     def forward(self, x):  # (B, 3, S, S) CLIP-normalised face crops, S = image_size
         cfg = self.config
-        if x.shape[-1] != cfg.image_size or x.shape[-2] != cfg.image_size:
+        if x.shape[-2:] != (cfg.image_size, cfg.image_size):
             raise ValueError(f"expected {cfg.image_size}x{cfg.image_size} input, got {tuple(x.shape[-2:])}")
-        B, v = x.shape[0], cfg.view_size
-        view = F.interpolate(x, size=(v, v), mode="bicubic", antialias=True, align_corners=False) \
-            if cfg.image_size != v else x
-        routers = self.routers
-        glob = self.encode(view, routers[0] if routers is not None and cfg.route_global else None)
-        feats, views = [self.backbone.head(glob.cls)], [glob]  # (B, C)
+        glob = self.encode(global_view(x, cfg.view_size), self.global_routers)  # the original image
+        features = [self.backbone.project(glob.cls)]  # (B, C)
         if cfg.multi_scale:
+            local = self.encode(split_2x2(x), self.local_routers)  # the split images, (4B, ...)
             query = glob.cls.detach().repeat_interleave(4, 0)  # (4B, D) the global query, one per split
-            local = self.encode(split_2x2(x), routers[-1] if routers is not None else None, query)
-            tokens = self.backbone.head(local.cls).view(B, 4, -1)  # (B, 4, C)
-            query_token = self.pool_query.repeat(B, 1, 1).to(tokens.dtype)  # (B, 1, C)
-            pooled = self.pool(query_token, tokens, tokens, need_weights=False)[0]  # (B, 1, C)
-            feats.append(pooled[:, 0])
-            views.append(local)
-        logits = self.head(torch.cat(feats, -1))  # (B, 2)
-
-        def per_view(t):  # global (B, ...) and local (4B, ...) -> (B, V, ...)
-            return torch.cat([t[:B, None]] + ([t[B:].view(B, 4, *t.shape[1:])] if cfg.multi_scale else []), 1)
-
-        kept = []
-        if cfg.token_selection:  # a view without routers (Tab. B "Split") keeps every token: -1
-            none = [torch.full((len(e.cls), num_kept(cfg.num_tokens, cfg.keep_ratio)), -1, device=x.device)
-                    for e in views]
-            kept = [per_view(torch.cat(ks)) for ks in
-                    zip(*(e.kept or [n] * (cfg.layers - cfg.first_routed_layer) for e, n in zip(views, none)))]
-        return DFDHROutput(logits=logits, rank_loss=views[-1].rank_loss,
-                           exit_layer=per_view(torch.cat([e.exit_layer for e in views])), kept=kept,
-                           gates=per_view(torch.cat([e.gates for e in views])),
-                           flops=per_view(torch.cat([e.flops for e in views])).sum(1).float())
+            rank = rank_loss(local.ranked, query, cfg)
+            features.append(self.pool(self.backbone.project(local.cls).view(len(x), 4, -1)))  # (B, C)
+        else:  # one view: its own final CLS is the query
+            local, rank = None, rank_loss(glob.ranked, glob.cls.detach(), cfg)
+        logits = self.head(torch.cat(features, -1))  # (B, 2)
+        views = (glob, local) if local is not None else (glob,)
+        return DFDHROutput(logits=logits, rank_loss=rank,
+                           exit_layer=by_view(*(v.exit_layer for v in views)),
+                           kept=[by_view(*ks) for ks in zip(*(v.kept for v in views))],
+                           gates=by_view(*(v.gates for v in views)),
+                           flops=by_view(*(v.flops for v in views)).sum(1).float())
 
     @torch.no_grad()
     def predict(self, x):
@@ -341,3 +433,23 @@ class DFDHR(nn.Module):
         out = self.eval()(x)
         self.train(was_training)
         return out.logits.float().softmax(-1)[:, 1], out
+
+
+class ConstantJudge(nn.Module):
+    """A layer judge that answers `logit` for every sample."""
+
+    def __init__(self, logit):
+        super().__init__()
+        self.logit = logit
+
+    def forward(self, cls):  # (B, D) -> (B,)
+        return cls.new_full(cls.shape[:1], float(self.logit))
+
+
+def force_exit(model, T):
+    """Make every view of every sample exit at layer T (T = L: none exits), for measuring the cost
+    of an exit (supp. "Computing Cost Estimation"): the layer judges become constant ones."""
+    for routers in {id(r): r for r in (model.global_routers, model.local_routers) if r is not None}.values():
+        for r, layer in enumerate(model.config.routed_layers):
+            routers.layer_judges[r] = ConstantJudge(10.0 if layer < T else -10.0)
+    return model

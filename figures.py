@@ -6,7 +6,7 @@
   roc               frame-level ROC curve per test set, behind the AUCs of the paper's tables
   training_curves   L = CE + λ·L_rank and its parts per step; video AUC per test set at epoch ends
   token_overlays    supp. Fig. B style: test faces with exit layer and fake probability, and the
-                    tokens each routed layer kept (SPEC §4) drawn over the global view
+                    tokens each routed layer kept (Token Selection) drawn over the original image
   write_run_figures all of them as PNG files in out_dir/figures/, plus gate_weights.md
 
 Figures are built on matplotlib's Agg canvas directly, so importing this module leaves pyplot's
@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import auc, roc_curve
 
+from dfdhr import global_view
 from vit import CLIP_MEAN, CLIP_STD
 
 REAL = "#1f77b4"  # blue, every real sample in every figure
@@ -199,9 +200,7 @@ def token_overlays(model, dataset, n=4):
     items = [dataset[i] for i in picks]
     batch = torch.stack([it["image"] for it in items]).to(next(model.parameters()).device)
     prob, out = model.predict(batch)
-    view = torch.nn.functional.interpolate(batch.float().cpu(), size=(cfg.view_size,) * 2, mode="bicubic",
-                                           antialias=True, align_corners=False) \
-        if cfg.image_size != cfg.view_size else batch.float().cpu()  # the global view, as dfdhr.DFDHR.forward
+    view = global_view(batch.float().cpu(), cfg.view_size)  # the original image, as DFDHR.forward sees it
     grid, R = cfg.view_size // cfg.patch_size, len(out.kept)
     fig = _figure(max(2.3 * (1 + R), 4.5), 2.5 * len(items))
     axes = np.array(fig.subplots(len(items), 1 + R, squeeze=False))
@@ -252,7 +251,8 @@ def write_run_figures(out_dir, metrics, history, model, test_sets):
 
     safe = {name: re.sub(r"[^\w.-]+", "_", name) for name in metrics}
     table = ["# Gate weight distribution (%) of Expert Routing (supp. Tab. D)", "",
-             "Global view, mean over the layers each image ran; (·) is the rank among experts.", ""]
+             "Original image (global view) at layer K+1, where the supplementary reads them; (·) is the rank "
+             "among experts. `gate_weights_all_layers` in metrics.json has the mean over every layer run.", ""]
     for name, m in metrics.items():
         save(exit_layers(m, f"Exit layers on {name} (global view)"), f"exit_layers_{safe[name]}.png")
         if "gate_weights" in m:

@@ -240,7 +240,7 @@ def apply(model, method):
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if model.routers is not None:
+    if model.config.routing or model.config.multi_scale:
         raise ValueError("the methods of Tab. A apply to the baseline model (make_config(preset, 'baseline'))")
     bb = model.backbone
     device = bb.ln_pre.weight.device

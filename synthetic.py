@@ -366,7 +366,7 @@ class SyntheticForgeries(FrameDataset):
 
 def synthetic_splits(*, image_size, seed, train_videos, test_videos, frames_per_video, test_frames_per_video=None,
                      train_methods=TRAIN_METHODS, test_methods=HELD_OUT_METHODS, augment=None) -> dict:
-    """The cross-method protocol (after the paper's Protocol-2): "train" and "in_domain" use
+    """The cross-method protocol (after the paper's Protocol-2): "train", "val" and "in_domain" use
     `train_methods`, "cross_method" the held-out `test_methods`; each split has its own seed,
     hence its own identities, scenes and video ids. By default the detector trains on a face
     swap and decoder up-sampling, and meets unseen forgeries that share their ingredients (a
@@ -377,5 +377,6 @@ def synthetic_splits(*, image_size, seed, train_videos, test_videos, frames_per_
     test = dict(image_size=image_size, frames_per_video=test_frames_per_video or frames_per_video, num_videos=test_videos)
     return {"train": SyntheticForgeries(methods=train_methods, num_videos=train_videos, seed=seed, augment=augment,
                                         image_size=image_size, frames_per_video=frames_per_video),
+            "val": SyntheticForgeries(methods=train_methods, seed=seed + 3, **test),
             "in_domain": SyntheticForgeries(methods=train_methods, seed=seed + 1, **test),
             "cross_method": SyntheticForgeries(methods=test_methods, seed=seed + 2, **test)}

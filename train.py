@@ -1,22 +1,23 @@
-"""Train and evaluate DFD-HR (SPEC §6).
+"""Train and evaluate DFD-HR: Adam on L = L_cls + λ·L_rank, video-level AUC on each test set.
 
     python train.py                                   # the built-in synthetic benchmark, small preset, CPU
     python train.py --preset=paper --init_from=ViT-L-14.pt --train_data=FFPP_ROOT --test_data=CDF_ROOT
     python train.py --init_from=resume                # continue the run in out_dir
-    python train.py --predict=face.png                # score an image or a folder with out_dir/best.pt
     torchrun --nproc_per_node=4 train.py --preset=paper ...   # DistributedDataParallel
 
-Defaults sit at the top; any of them, and any field of `DFDHRConfig`, is overridden by
-`--key=value`. Every run writes to `out_dir`: `config.json`, checkpoints `last.pt` and `best.pt`
-(written atomically, with the config inside), `history.json` and `metrics.json`
-(`{test_set: {frame_auc, video_auc, eer, ap, acc, ...}}`).
+Settings are the fields of `Settings` below (the paper preset changes those in PAPER_SETTINGS) and
+of `dfdhr.DFDHRConfig`; each is overridden by `--key=value`. A run writes to `out_dir`:
+`config.json`, checkpoints `last.pt` and `best.pt` (written atomically, the settings inside),
+`history.json`, `metrics.json` (`{test_set: {frame_auc, video_auc, eer, ap, acc, ...}}`) and
+`figures/`. `predict.py` scores new images and videos with `best.pt`.
 """
+import contextlib
 import json
 import os
 import signal
 import sys
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ import torch
 import torch.distributed as dist
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
+import cli
 import data
 import figures
 import peft
@@ -31,132 +33,171 @@ import synthetic
 from dfdhr import ABLATIONS, DFDHR, DFDHRConfig, PRESETS, dfdhr_loss, make_config
 from vit import CheckpointError, load_clip
 
-# ------------------------------------------------------------------------------ defaults
-preset = "small"            # "small" (CPU, trains from scratch) or "paper" (CLIP ViT-L/14, 448 input)
-ablation = "full"           # a row of the paper's ablations, see dfdhr.ABLATIONS
-method = "dfdhr"            # "dfdhr", or a fine-tuning method of supp. Tab. A on the baseline model (peft.METHODS)
-init_from = "scratch"       # "scratch", "resume" (out_dir/last.pt) or the path of a CLIP checkpoint
-out_dir = "out"
-train_data = "synthetic"    # "synthetic", a folder ROOT/{real,fake}/..., or a DeepfakeBench JSON file
-test_data = "synthetic"     # comma-separated list of the same kinds ("synthetic": in-domain + cross-method)
-dataset = ""                # DeepfakeBench: dataset name inside the JSON (default: the file's stem)
-data_root = ""              # DeepfakeBench: folder the JSON's relative frame paths start from
-train_split = "train"
-test_split = "test"
-synthetic_train_videos = 1200  # synthetic benchmark size (videos per split)
-synthetic_test_videos = 60
-synthetic_train_methods = "faceswap,upsample"   # forgery families seen in training (and in_domain)
-synthetic_test_methods = "partial,selfblend"    # held-out families (cross_method)
-frames_per_video = 8        # training frames per video (paper)
-test_frames_per_video = 8   # test frames per video (paper: 8-32)
-epochs = 1                  # paper: 20
-max_iters = 0               # stop after this many steps (0: run all epochs)
-batch_size = 16             # global batch (paper: 16 over 4 GPUs)
-eval_batch_size = 32
-lr = 0.0                    # Adam, for routers, experts, fusion and head; 0: the preset's, PRESET_LR
-backbone_lr = 0.0           # when the backbone trains; 0: 1e-6 for a loaded CLIP (the paper's full
-                            # fine-tuning baseline), lr for a backbone trained from scratch
-weight_decay = 5e-4
-beta1, beta2 = 0.9, 0.999
-augment = "auto"            # SPEC §6 augmentations on training images: "true", "false", or "auto": on for
-                            # real data, off for the synthetic benchmark, whose camera model already
-                            # degrades every frame and whose cues the blur/JPEG augmentations erase
-seed = 1024                 # paper
-dtype = "auto"              # "auto" (bf16 on a GPU that has it, else fp32), "bf16" or "fp32"
-device = "auto"             # "auto", "cpu", "cuda"
-num_workers = 1             # data-loading processes
-log_interval = 10           # steps
-ckpt_interval = 50          # steps between last.pt writes (and at each epoch end)
-predict = ""                # an image or a folder to score with out_dir/best.pt, then exit
-# ----------------------------------------------------------------------------------------
 
-PRESET_LR = {"paper": 1e-4, "small": 1e-3}  # paper; a small backbone trained from scratch needs more
-DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, float, str))}
-MODEL_KEYS = {f.name: type(f.default) for f in fields(DFDHRConfig)}
+@dataclass(frozen=True)
+class Settings:
+    preset: str = "small"          # model preset of dfdhr.PRESETS: "small" (CPU) or "paper" (CLIP ViT-L/14, 448 input)
+    ablation: str = "full"         # a row of the paper's ablations, dfdhr.ABLATIONS
+    method: str = "dfdhr"          # "dfdhr", or a fine-tuning method of supp. Tab. A on the baseline (peft.METHODS)
+    init_from: str = "scratch"     # "scratch", "resume" (out_dir/last.pt) or a CLIP checkpoint (vit.load_clip)
+    out_dir: str = "out"
+    # Data: "synthetic" (synthetic.py), a folder ROOT/{real,fake}/..., or a DeepfakeBench JSON file.
+    train_data: str = "synthetic"
+    test_data: str = "synthetic"   # comma-separated; "synthetic" gives one test set per forgery family
+    val_data: str = "holdout"      # model selection: "holdout" (val_fraction of the training videos), "none", or data
+    val_fraction: float = 0.1
+    select: str = "val"            # best.pt by: "val" video AUC, or "test": DeepfakeBench's best per test set
+    dataset: str = ""              # DeepfakeBench: data set name inside the JSON (default: the file's stem)
+    data_root: str = ""            # DeepfakeBench: folder the JSON's relative frame paths start from
+    train_split: str = "train"
+    test_split: str = "test"
+    synthetic_train_videos: int = 1200
+    synthetic_test_videos: int = 60
+    synthetic_train_methods: str = "faceswap,upsample"   # forgery families seen in training (and in_domain)
+    synthetic_test_methods: str = "partial,selfblend"    # held-out families (cross_method)
+    frames_per_video: int = 8      # training frames per video (paper)
+    test_frames_per_video: int = 8  # test frames per video (paper: 8-32)
+    frame_sampling: str = "even"   # "even" over the video, or "first" (DeepfakeBench, the paper's runs)
+    augment: str = "auto"          # "true", "false", or "auto": on for real data, off for the synthetic benchmark
+    # Optimisation: Adam (paper).
+    epochs: int = 1                # paper: 20
+    max_iters: int = 0             # stop after this many steps (0: run all epochs)
+    batch_size: int = 16           # effective batch per optimizer step, over all processes (paper: 64)
+    micro_batch_size: int = 0      # per process and forward pass; 0: batch_size / processes (no accumulation)
+    eval_batch_size: int = 32
+    lr: float = 1e-3               # judges, experts, fusion, head (paper: 1e-4)
+    backbone_lr: float = 1e-6      # a pretrained backbone under full fine-tuning (the paper's baseline)
+    weight_decay: float = 5e-4
+    beta1: float = 0.9
+    beta2: float = 0.999
+    # Machine.
+    seed: int = 1024               # paper
+    dtype: str = "auto"            # "auto" (bf16 on a GPU that has it, else fp32), "bf16" or "fp32"
+    device: str = "auto"           # "auto", "cpu", "cuda"
+    num_workers: int = 1           # data-loading processes
+    log_interval: int = 10         # steps
+    ckpt_interval: int = 50        # steps between last.pt writes (and at each epoch end)
 
 
-def parse_overrides(argv):
-    """`--key=value` pairs, typed after the default they replace; unknown keys are refused."""
-    out = {}
-    for arg in argv:
-        if not arg.startswith("--") or "=" not in arg:
-            raise SystemExit(f"arguments are --key=value, got {arg!r}")
-        key, value = arg[2:].split("=", 1)
-        if key in DEFAULTS:
-            kind = type(DEFAULTS[key])
-        elif key in MODEL_KEYS:
-            kind = MODEL_KEYS[key]
-        else:
-            raise SystemExit(f"unknown option --{key}; options: {', '.join(sorted([*DEFAULTS, *MODEL_KEYS]))}")
-        try:
-            if kind is bool:
-                if value.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError
-                out[key] = value.lower() in ("true", "1")
-            else:
-                out[key] = kind(value)
-        except ValueError:
-            raise SystemExit(f"--{key}={value}: expected {kind.__name__}") from None
-    return out
+# The released recipe (the paper's runs): 4 processes × 16 = 64 per step, fp32, 20 epochs, the
+# first 8 frames of each video, lr 1e-4.
+PAPER_SETTINGS = dict(lr=1e-4, batch_size=64, micro_batch_size=16, epochs=20, dtype="fp32", frame_sampling="first")
+
+
+def settings(given, model_given):
+    """(Settings, DFDHRConfig) from the parsed options, refused before any work if impossible."""
+    preset = given.get("preset", Settings.preset)
+    if preset not in PRESETS:
+        raise SystemExit(f"--preset={preset}: choose one of {sorted(PRESETS)}")
+    cfg = Settings(**{**(PAPER_SETTINGS if preset == "paper" else {}), **given})
+    check(cfg)
+    return cfg, model_config(cfg, model_given)
 
 
 def check(cfg):
-    """Refuse impossible settings before any work starts."""
-    if cfg["preset"] not in PRESETS:
-        raise SystemExit(f"--preset={cfg['preset']}: choose one of {sorted(PRESETS)}")
-    if cfg["ablation"] not in ABLATIONS:
-        raise SystemExit(f"--ablation={cfg['ablation']}: choose one of {sorted(ABLATIONS)}")
+    choices = dict(ablation=ABLATIONS, method=("dfdhr", *peft.METHODS), augment=("auto", "true", "false"),
+                   dtype=("auto", "bf16", "fp32"), device=("auto", "cpu", "cuda"), select=("val", "test"),
+                   frame_sampling=("even", "first"))
+    for key, allowed in choices.items():
+        if getattr(cfg, key) not in allowed:
+            raise SystemExit(f"--{key}={getattr(cfg, key)}: choose one of {', '.join(allowed)}")
     for key in ("batch_size", "eval_batch_size", "frames_per_video", "test_frames_per_video", "epochs"):
-        if cfg[key] < 1:
-            raise SystemExit(f"--{key}={cfg[key]} must be at least 1")
-    if cfg["method"] != "dfdhr":
-        if cfg["method"] not in peft.METHODS:
-            raise SystemExit(f"--method={cfg['method']}: choose dfdhr or one of {', '.join(peft.METHODS)}")
-        cfg["ablation"] = "baseline"  # supp. Tab. A: every method on the same plain CLIP ViT and head
-    cfg["lr"] = cfg["lr"] or PRESET_LR[cfg["preset"]]
-    if cfg["augment"] not in ("auto", "true", "false"):
-        raise SystemExit(f"--augment={cfg['augment']}: choose auto, true or false")
-    if cfg["dtype"] not in ("auto", "bf16", "fp32"):
-        raise SystemExit(f"--dtype={cfg['dtype']}: choose auto, bf16 or fp32")
+        if getattr(cfg, key) < 1:
+            raise SystemExit(f"--{key}={getattr(cfg, key)} must be at least 1")
+    if not 0 < cfg.val_fraction < 1:
+        raise SystemExit(f"--val_fraction={cfg.val_fraction} must be in (0, 1)")
+
+
+def model_config(cfg, overrides):
+    """The model's config: preset, then ablation row, then single switches. Every method of supp.
+    Tab. A runs on the baseline model (the plain ViT on the original image and a linear head)."""
     try:
-        return make_config(cfg["preset"], cfg["ablation"], **{k: v for k, v in cfg.items() if k in MODEL_KEYS})
+        return make_config(cfg.preset, "baseline" if cfg.method != "dfdhr" else cfg.ablation, **overrides)
     except ValueError as e:
         raise SystemExit(str(e)) from None
+
+
+def build_model(cfg, config, backbone=None):
+    """DFD-HR, or a fine-tuning method of supp. Tab. A: the one place train.py meets peft.py."""
+    model = DFDHR(config, backbone)
+    return model if cfg.method == "dfdhr" else peft.apply(model, cfg.method)
+
+
+def optimizer(model, cfg):
+    """Adam with one group per role. The backbone, where it trains, takes backbone_lr under full
+    fine-tuning of a pretrained backbone (the paper's baseline), lr when trained from scratch; the
+    methods of supp. Tab. A train everything at lr (supp. Sec. B)."""
+    gentle = cfg.init_from != "scratch" and cfg.method in ("dfdhr", "baseline")
+    groups = model.param_groups(lr=cfg.lr, backbone_lr=cfg.backbone_lr if gentle else cfg.lr)
+    return torch.optim.Adam(groups, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
 
 
 # ------------------------------------------------------------------------------ data
 
 def datasets(cfg, image_size):
-    """{"train": Dataset, test_name: Dataset, ...} for the synthetic benchmark, folders or JSON files."""
-    on = cfg["augment"] == "true" or (cfg["augment"] == "auto" and cfg["train_data"] != "synthetic")
-    aug = data.Augment(seed=cfg["seed"]) if on else None
+    """{"train": Dataset, "val": Dataset or absent, test_name: Dataset, ...}."""
+    on = cfg.augment == "true" or (cfg.augment == "auto" and cfg.train_data != "synthetic")
+    aug = data.Augment(seed=cfg.seed) if on else None
+    frames = dict(frames_per_video=cfg.frames_per_video, sampling=cfg.frame_sampling, image_size=image_size)
+    test_frames = {**frames, "frames_per_video": cfg.test_frames_per_video}
 
-    def real(spec, split, frames, augment):
+    def load(spec, split, augment, **kw):
         path = Path(spec)
         if path.suffix == ".json":
-            return path.stem, data.DeepfakeBenchJSON(path, dataset=cfg["dataset"] or path.stem, split=split,
-                                                     frames_per_video=frames, image_size=image_size,
-                                                     data_root=cfg["data_root"] or None, augment=augment)
-        return path.name, data.FrameFolder(path, frames_per_video=frames, image_size=image_size, augment=augment)
+            return path.stem, data.DeepfakeBenchJSON(path, dataset=cfg.dataset or path.stem, split=split,
+                                                     data_root=cfg.data_root or None, augment=augment, **kw)
+        return path.name, data.FrameFolder(path, augment=augment, **kw)
 
     out = {}
-    if "synthetic" in (cfg["train_data"], *cfg["test_data"].split(",")):
-        bench = synthetic.synthetic_splits(image_size=image_size, seed=cfg["seed"], augment=aug,
-                                           train_videos=cfg["synthetic_train_videos"],
-                                           test_videos=cfg["synthetic_test_videos"],
-                                           frames_per_video=cfg["frames_per_video"],
-                                           test_frames_per_video=cfg["test_frames_per_video"],
-                                           train_methods=cfg["synthetic_train_methods"].split(","),
-                                           test_methods=cfg["synthetic_test_methods"].split(","))
-    out["train"] = bench["train"] if cfg["train_data"] == "synthetic" else \
-        real(cfg["train_data"], cfg["train_split"], cfg["frames_per_video"], aug)[1]
-    for spec in cfg["test_data"].split(","):
+    if cfg.train_data == "synthetic":
+        bench = synthetic.synthetic_splits(image_size=image_size, seed=cfg.seed, augment=aug,
+                                           train_videos=cfg.synthetic_train_videos,
+                                           test_videos=cfg.synthetic_test_videos,
+                                           frames_per_video=cfg.frames_per_video,
+                                           test_frames_per_video=cfg.test_frames_per_video,
+                                           train_methods=cfg.synthetic_train_methods.split(","),
+                                           test_methods=cfg.synthetic_test_methods.split(","))
+        out["train"] = bench.pop("train")
+        if cfg.val_data != "none":
+            out["val"] = bench.pop("val")
+    else:
+        out["train"] = load(cfg.train_data, cfg.train_split, aug, **frames)[1]
+        if cfg.val_data == "holdout":
+            out["train"], out["val"] = data.hold_out_videos(out["train"], cfg.val_fraction, seed=cfg.seed)
+        elif cfg.val_data != "none":
+            out["val"] = load(cfg.val_data, "val", None, **test_frames)[1]
+        bench = None
+    for spec in cfg.test_data.split(","):
         if spec == "synthetic":
-            out.update(in_domain=bench["in_domain"], cross_method=bench["cross_method"])
+            bench = bench or synthetic.synthetic_splits(image_size=image_size, seed=cfg.seed, train_videos=0,
+                                                        test_videos=cfg.synthetic_test_videos,
+                                                        frames_per_video=cfg.frames_per_video,
+                                                        test_frames_per_video=cfg.test_frames_per_video,
+                                                        train_methods=cfg.synthetic_train_methods.split(","),
+                                                        test_methods=cfg.synthetic_test_methods.split(","))
+            out.update({k: v for k, v in bench.items() if k not in ("train", "val")})
         else:
-            name, ds = real(spec, cfg["test_split"], cfg["test_frames_per_video"], None)
+            name, ds = load(spec, cfg.test_split, None, **test_frames)
             out[name] = ds
     return out
+
+
+def batches(dataset, cfg, *, step, rank, world):
+    """(epoch, this process's share of a global batch) for every step from `step` on, endlessly.
+
+    Each epoch is a fresh shuffle seeded by (seed, epoch) and sets the data set's epoch (its
+    augmentation draws); a resumed run skips exactly the batches it had done."""
+    per_epoch = len(dataset) // cfg.batch_size
+    while True:
+        epoch, done = divmod(step, per_epoch)
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+        dataset.set_epoch(epoch)
+        shares = [order[i * cfg.batch_size:(i + 1) * cfg.batch_size][rank::world] for i in range(done, per_epoch)]
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=shares, num_workers=cfg.num_workers,
+                                             collate_fn=data.collate, generator=torch.Generator())
+        for b in loader:
+            step += 1
+            yield epoch, b
 
 
 # ------------------------------------------------------------------------------ evaluation
@@ -186,10 +227,11 @@ def compute_metrics(probs, labels, videos):
 
 @torch.no_grad()
 def evaluate(model, dataset, *, batch, autocast, workers):
-    """Metrics of one test set, and what the routers did: exit layers, expert gates, FLOPs (supp. Fig. A, Tab. D)."""
+    """Metrics of one test set, and what the routers did on the original image: exit layers (supp.
+    Fig. A), expert gate weights at layer K+1 as supp. Tab. D reports them (and over all layers), FLOPs."""
     model.eval()
     cfg = model.config
-    rows = dict(prob=[], label=[], video=[], method=[], exit=[], gates=[], flops=[])
+    rows = dict(prob=[], label=[], video=[], method=[], exit=[], gates=[], gates_all=[], flops=[])
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers, collate_fn=data.collate,
                                          generator=torch.Generator())  # leaves the global RNG alone
     dev = next(model.parameters()).device
@@ -204,25 +246,30 @@ def evaluate(model, dataset, *, batch, autocast, workers):
         rows["label"] += b["label"].tolist()
         rows["video"] += b["video"]
         rows["method"] += b["method"]
-        rows["exit"] += out.exit_layer[:, 0].cpu().tolist()  # the global view ("original images", supp. Fig. A)
-        rows["gates"].append(out.gates[:, 0].float().nanmean((1, 2)).cpu())  # (B, E) over the layers it ran
+        rows["exit"] += out.exit_layer[:, 0].cpu().tolist()
+        gates = out.gates[:, 0].float().cpu()  # (B, L, 2, E)
+        rows["gates"].append(gates[:, cfg.first_routed_layer].nanmean(1))  # (B, E), supp. Tab. D's layer
+        rows["gates_all"].append(gates.nanmean((1, 2)))  # (B, E) over the layers each image ran
         rows["flops"] += out.flops.cpu().tolist()
     if not rows["prob"]:
         raise SystemExit(f"no readable frame in the test set ({len(skipped)} skipped, e.g. {skipped[:1]})")
     metrics = compute_metrics(rows["prob"], rows["label"], rows["video"])
     metrics["skipped"] = skipped
-    labels, methods, gates = np.array(rows["label"]), np.array(rows["method"]), torch.cat(rows["gates"]).numpy()
-    exits = np.array(rows["exit"])
+    labels, methods, exits = np.array(rows["label"]), np.array(rows["method"]), np.array(rows["exit"])
     layers = list(range(cfg.first_routed_layer, cfg.layers + 1))
     metrics["exit_layers"] = {"layers": layers, **{name: [int(np.sum(exits[labels == y] == t)) for t in layers]
                                                    for name, y in (("real", 0), ("fake", 1))}}
     if cfg.expert_routing:
         groups = {"real": labels == 0, "fake": labels == 1,
                   **{f"fake/{m}": methods == m for m in sorted(set(methods[labels == 1].tolist()))}}
-        metrics["gate_weights"] = {k: np.nanmean(gates[mask], 0).round(4).tolist() for k, mask in groups.items()
-                                   if mask.any()}
+        for key in ("gates", "gates_all"):
+            g = torch.cat(rows[key]).numpy()
+            name = "gate_weights" if key == "gates" else "gate_weights_all_layers"
+            metrics[name] = {k: np.nanmean(g[mask], 0).round(4).tolist() for k, mask in groups.items()
+                             if mask.any() and not np.isnan(g[mask]).all()}
+        metrics["gate_layer"] = cfg.first_routed_layer + 1  # 1-based, as the supplementary counts
     metrics["gflops_per_image"] = float(np.mean(rows["flops"])) / 1e9
-    metrics["scores"] = dict(prob=rows["prob"], label=rows["label"])
+    metrics["scores"] = dict(prob=rows["prob"], label=rows["label"], method=rows["method"])
     return metrics
 
 
@@ -246,181 +293,176 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, overrides):
-    """A run's `last.pt`, refused with the difference named if `overrides` change its model."""
+def load_checkpoint(path):
+    """A checkpoint of this project, read without executing code: only tensors and plain data load."""
+    if not path.exists():
+        raise SystemExit(f"{path}: no such checkpoint")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated file, a foreign one, or a pickle that would run code
+        raise SystemExit(f"{path}: not a readable checkpoint of this project (it is loaded with weights_only=True, "
+                         f"which refuses anything but tensors and plain data): {e}") from None
+    if not isinstance(ckpt, dict) or not {"model", "model_config", "config"} <= ckpt.keys():
+        raise SystemExit(f"{path}: not a checkpoint of this project (no model, model_config and config inside)")
+    return ckpt
+
+
+def resume(path, cfg_given, model_given):
+    """A run's last.pt, refused with each difference named if the options now change its model."""
     if not path.exists():
         raise SystemExit(f"{path}: nothing to resume")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated or foreign file
-        raise SystemExit(f"{path}: not a readable checkpoint of this project: {e}") from None
-    if not isinstance(ckpt, dict) or "model_config" not in ckpt:
-        raise SystemExit(f"{path}: not a checkpoint of this project (no model_config inside)")
-    saved = {**ckpt["model_config"], "preset": ckpt["config"]["preset"], "ablation": ckpt["config"]["ablation"]}
-    differ = [f"{k}: checkpoint {saved[k]!r} vs now {v!r}" for k, v in overrides.items() if k in saved and saved[k] != v]
+    ckpt = load_checkpoint(path)
+    saved = {**ckpt["model_config"], "preset": ckpt["config"]["preset"], "ablation": ckpt["config"]["ablation"],
+             "method": ckpt["config"]["method"]}
+    differ = [f"{k}: checkpoint {saved[k]!r} vs now {v!r}" for k, v in {**cfg_given, **model_given}.items()
+              if k in saved and saved[k] != v]
     if differ:
         raise SystemExit(f"{path} was trained with a different config: " + "; ".join(differ))
     return ckpt
 
 
-# ------------------------------------------------------------------------------ prediction
-
-def run_predict(cfg, dev):
-    path = Path(cfg["out_dir"]) / "best.pt"
-    ckpt = torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
-    if ckpt is None:
-        raise SystemExit(f"{path}: no trained checkpoint to predict with (train first, or set --out_dir)")
-    model = DFDHR(DFDHRConfig(**ckpt["model_config"]))
-    if ckpt["config"].get("method", "dfdhr") != "dfdhr":
-        model = peft.apply(model, ckpt["config"]["method"])
-    model.to(dev).load_state_dict(ckpt["model"])
-    target = Path(cfg["predict"])
-    files = sorted(p for p in target.rglob("*") if p.suffix.lower() in data.IMAGE_SUFFIXES) if target.is_dir() else [target]
-    if not files:
-        raise SystemExit(f"{target}: no .png/.jpg images in it")
-    for f in files:
-        x = data.to_input(data.load_image(f), model.config.image_size)[None].to(dev)
-        prob, out = model.predict(x)
-        print(f"{f}  fake probability {prob.item():.4f}  exit layer per view {out.exit_layer[0].tolist()}")
-
-
 # ------------------------------------------------------------------------------ training
 
 def main(argv):
-    overrides = parse_overrides(argv)
-    cfg = {**DEFAULTS, **overrides}
-    model_config = check(cfg)
+    cfg_given, model_given = cli.parse(argv, Settings, DFDHRConfig)
+    cfg, config = settings(cfg_given, model_given)
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    use_cuda = cfg["device"] == "cuda" or (cfg["device"] == "auto" and torch.cuda.is_available())
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     if ddp:
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
-        if cfg["batch_size"] % world:
-            raise SystemExit(f"--batch_size={cfg['batch_size']} is not divisible by {world} processes")
     else:
         rank, world = 0, 1
     dev = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
-    bf16 = cfg["dtype"] == "bf16" or (cfg["dtype"] == "auto" and use_cuda and torch.cuda.is_bf16_supported())
+    bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and use_cuda and torch.cuda.is_bf16_supported())
     autocast = lambda: torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
-    if cfg["predict"]:
-        return run_predict(cfg, dev)
 
-    out = Path(cfg["out_dir"])
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg["seed"])
-    if cfg["init_from"] == "resume":
-        ckpt = load_checkpoint(out / "last.pt", overrides)
-        # the run's own settings, except those given now
-        cfg = {**ckpt["config"], **overrides, "init_from": ckpt["config"]["init_from"]}
-        model = DFDHR(DFDHRConfig(**ckpt["model_config"])).to(dev)
+    out = Path(cfg.out_dir)
+    torch.manual_seed(cfg.seed)
+    ckpt = None
+    if cfg.init_from == "resume":
+        ckpt = resume(out / "last.pt", cfg_given, model_given)
+        cfg = replace(Settings(**ckpt["config"]), **{k: v for k, v in cfg_given.items() if k != "init_from"})
+        config = DFDHRConfig(**ckpt["model_config"])
+        model = build_model(cfg, config)
     else:
-        ckpt = None
         try:
-            backbone = load_clip(cfg["init_from"]) if cfg["init_from"] != "scratch" else None
+            backbone = load_clip(cfg.init_from, heads=model_given.get("heads")) if cfg.init_from != "scratch" else None
         except CheckpointError as e:
             raise SystemExit(f"--init_from: {e}") from None
-        model = DFDHR(model_config, backbone=backbone)
-        model = model.to(dev)
-    if cfg["method"] != "dfdhr":
-        model = peft.apply(model, cfg["method"]).to(dev)
-    model_config = model.config  # a loaded CLIP checkpoint sets the backbone sizes
+        model = build_model(cfg, config, backbone)
+    model.to(dev)
+    config = model.config  # a loaded CLIP checkpoint sets the backbone sizes
+    local_batch, rest = divmod(cfg.batch_size, world)
+    micro = cfg.micro_batch_size or local_batch
+    if rest or local_batch % micro:
+        raise SystemExit(f"--batch_size={cfg.batch_size} does not split into {world} process(es) × micro-batches "
+                         f"of {micro}")
     try:
-        sets = datasets(cfg, model_config.image_size)
+        sets = datasets(cfg, config.image_size)
     except (FileNotFoundError, ValueError) as e:  # a missing root, an empty folder, a JSON pointing nowhere
         raise SystemExit(f"data: {e}") from None
-    train_set = sets.pop("train")
-    # supp. Tab. A: every fine-tuning method at lr 1e-4, the full fine-tuning baseline at its own
-    backbone_lr = cfg["backbone_lr"] or (cfg["lr"] if cfg["init_from"] == "scratch" else 1e-6)
-    groups = model.param_groups(lr=cfg["lr"], backbone_lr=cfg["lr"] if cfg["method"] not in ("dfdhr", "baseline")
-                                else backbone_lr)
-    opt = torch.optim.Adam(groups, betas=(cfg["beta1"], cfg["beta2"]), weight_decay=cfg["weight_decay"])
-    step, epoch, history, best = 0, 0, [], -1.0
+    train_set, val_set = sets.pop("train"), sets.pop("val", None)
+    per_epoch = len(train_set) // cfg.batch_size
+    if per_epoch == 0:
+        raise SystemExit(f"training set has {len(train_set)} frames, fewer than one batch of {cfg.batch_size}")
+    total = min(cfg.max_iters or 10 ** 12, cfg.epochs * per_epoch)
+    opt = optimizer(model, cfg)
+    step, history, best = 0, [], {}
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
-        step, epoch, history, best = ckpt["step"], ckpt["epoch"], ckpt["history"], ckpt["best"]
+        step, history, best = ckpt["step"], ckpt["history"], ckpt["best"]
         torch.set_rng_state(ckpt["rng"])
     wrapped = torch.nn.parallel.DistributedDataParallel(model) if ddp else model
-    per_epoch = len(train_set) // cfg["batch_size"]
-    if per_epoch == 0:
-        raise SystemExit(f"training set has {len(train_set)} frames, fewer than one batch of {cfg['batch_size']}")
-    total = min(cfg["max_iters"] or 10 ** 12, cfg["epochs"] * per_epoch)
+    out.mkdir(parents=True, exist_ok=True)
     if rank == 0:
-        (out / "config.json").write_text(json.dumps({**cfg, "model": asdict(model_config)}, indent=1))
+        (out / "config.json").write_text(json.dumps({**asdict(cfg), "model": asdict(config)}, indent=1))
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print(f"{cfg['method']} on {cfg['preset']}/{cfg['ablation']}: {trainable / 1e6:.2f}M trainable parameters, "
-              f"{len(train_set)} training frames, {total} steps of {cfg['batch_size']}, {dev}, "
+        print(f"{cfg.method} on {cfg.preset}/{cfg.ablation}: {trainable / 1e6:.2f}M trainable parameters, "
+              f"{len(train_set)} training frames, {total} steps of {cfg.batch_size}"
+              f"{f' ({local_batch // micro} micro-batches of {micro})' if micro < local_batch else ''}, {dev}, "
               f"{'bf16' if bf16 else 'fp32'}, {world} process(es)")
 
     def checkpoint(name):
         if rank == 0:
-            save_atomic(dict(model=model.state_dict(), optimizer=opt.state_dict(), config=cfg,
-                             model_config=asdict(model_config), step=step, epoch=epoch, history=history,
-                             best=best, rng=torch.get_rng_state()), out / name)
+            save_atomic(dict(model=model.state_dict(), optimizer=opt.state_dict(), config=asdict(cfg),
+                             model_config=asdict(config), step=step, history=history, best=best,
+                             rng=torch.get_rng_state()), out / name)
+
+    def evaluate_all(epoch):
+        """Every set at an epoch end; best.pt follows the validation set, or the first test set."""
+        kw = dict(batch=cfg.eval_batch_size, autocast=autocast, workers=cfg.num_workers)
+        metrics = {name: evaluate(model, ds, **kw) for name, ds in sets.items()}
+        val = evaluate(model, val_set, **kw)["video_auc"] if val_set is not None else None
+        history.append(dict(step=step, epoch=epoch, val_video_auc=val,
+                            **{f"{n}/video_auc": m["video_auc"] for n, m in metrics.items()}))
+        print_table(metrics)
+        if val is not None:
+            print(f"validation video AUC {val:.4f}")
+        score = val if cfg.select == "val" and val is not None else next(iter(metrics.values()))["video_auc"]
+        if score is None or score >= best.get("score", -1.0):
+            best.update(score=score, step=step)
+            checkpoint("best.pt")
+            (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        if cfg.select == "test":  # DeepfakeBench: each test set's best evaluation, selected on its own labels
+            for name, m in metrics.items():
+                if m["video_auc"] is not None and m["video_auc"] >= best.get(name, {}).get("video_auc", -1.0):
+                    best[name] = {**m, "step": step, "selected_on": "this test set (DeepfakeBench's reporting)"}
+            (out / "metrics_best_per_test_set.json").write_text(json.dumps({k: v for k, v in best.items()
+                                                                            if k in metrics}, indent=1))
+        (out / "history.json").write_text(json.dumps(history))
 
     interrupted = []
     previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))  # finish the step, save, exit
     try:
         t0, seen, skipped = time.time(), 0, []
+        model.train()
+        stream = batches(train_set, cfg, step=step, rank=rank, world=world)
         while step < total:
-            order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg["seed"] + epoch)).tolist()
-            train_set.set_epoch(epoch)
-            start = (step - epoch * per_epoch) * cfg["batch_size"]
-            batches = [order[i:i + cfg["batch_size"]] for i in range(start, per_epoch * cfg["batch_size"], cfg["batch_size"])]
-            local = [b[rank::world] for b in batches]  # this process's share of each global batch
-            loader = torch.utils.data.DataLoader(train_set, batch_sampler=local, num_workers=cfg["num_workers"],
-                                                 collate_fn=data.collate, generator=torch.Generator())
-            model.train()
-            for b in loader:
-                for reason in b["skipped"]:
-                    if len(skipped) < 5:
-                        print(f"warning: skipped {reason}")
-                    skipped.append(reason)
-                if "image" not in b:  # every frame of the batch unreadable: a step without an update
-                    step += 1
-                    continue
-                with autocast():
-                    o = wrapped(b["image"].to(dev))
-                    loss = dfdhr_loss(o, b["label"].to(dev), model_config)
-                if not torch.isfinite(loss.total):
-                    last = out / "last.pt"
-                    raise SystemExit(f"step {step}: loss is {loss.total.item()} (ce {loss.ce.item()}, rank "
-                                     f"{loss.rank.item()}); batch sources: {', '.join(b['source'][:4])}...; "
-                                     f"last good checkpoint: {last if last.exists() else 'none yet'} (left untouched)")
+            epoch, b = next(stream)
+            for reason in b["skipped"]:
+                if len(skipped) < 5:
+                    print(f"warning: skipped {reason}")
+                skipped.append(reason)
+            losses = []
+            if "image" in b:  # a batch whose every frame is unreadable is a step without an update
                 opt.zero_grad(set_to_none=True)
-                loss.total.backward()
+                chunks = list(zip(b["image"].split(micro), b["label"].split(micro)))
+                for i, (x, y) in enumerate(chunks):
+                    sync = wrapped.no_sync if ddp and i < len(chunks) - 1 else contextlib.nullcontext  # DDP: reduce once
+                    with sync(), autocast():
+                        loss = dfdhr_loss(wrapped(x.to(dev)), y.to(dev), config)
+                    if not torch.isfinite(loss.total):
+                        last = out / "last.pt"
+                        raise SystemExit(f"step {step}: loss is {loss.total.item()} (ce {loss.ce.item()}, rank "
+                                         f"{loss.rank.item()}); batch sources: {', '.join(b['source'][:4])}...; "
+                                         f"last good checkpoint: {last if last.exists() else 'none yet'} "
+                                         f"(left untouched)")
+                    (loss.total * len(x) / len(b["label"])).backward()
+                    losses.append([t.item() * len(x) / len(b["label"]) for t in loss])
                 opt.step()
-                step += 1
                 seen += len(b["label"]) * world
-                history.append(dict(step=step, loss=loss.total.item(), ce=loss.ce.item(), rank=loss.rank.item()))
-                if rank == 0 and (step % cfg["log_interval"] == 0 or step == total):
+            step += 1
+            if losses:
+                total_loss, ce, rank_l = np.sum(losses, 0).tolist()
+                history.append(dict(step=step, loss=total_loss, ce=ce, rank=rank_l))
+                if rank == 0 and (step % cfg.log_interval == 0 or step == total):
                     rate = seen / (time.time() - t0)
-                    eta = (total - step) * cfg["batch_size"] / rate
-                    print(f"step {step}/{total} | epoch {epoch} | loss {loss.total.item():.4f} "
-                          f"(ce {loss.ce.item():.4f}, rank {loss.rank.item():.4f}) | {rate:.1f} img/s | "
-                          f"ETA {eta // 60:.0f}m{eta % 60:02.0f}s", flush=True)
-                if step % cfg["ckpt_interval"] == 0:
-                    checkpoint("last.pt")
-                if interrupted:
-                    checkpoint("last.pt")
-                    print(f"interrupted: saved {out / 'last.pt'} at step {step}; continue with --init_from=resume")
-                    return
-                if step >= total or step % per_epoch == 0:
-                    break
-            if step % per_epoch == 0:
-                epoch += 1
-            if rank == 0 and (step % per_epoch == 0 or step >= total):  # evaluate at each epoch end and at the end
-                metrics = {name: evaluate(model, ds, batch=cfg["eval_batch_size"], autocast=autocast,
-                                          workers=cfg["num_workers"]) for name, ds in sets.items()}
-                score = next(iter(metrics.values()))["video_auc"] or 0.0  # best: first test set's video AUC
-                history.append(dict(step=step, epoch=epoch, **{f"{n}/video_auc": m["video_auc"] for n, m in metrics.items()}))
-                print_table(metrics)
-                if score > best:
-                    best = score
-                    checkpoint("best.pt")
-                (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-                (out / "history.json").write_text(json.dumps(history))
-            checkpoint("last.pt")
+                    eta = (total - step) * cfg.batch_size / rate
+                    print(f"step {step}/{total} | epoch {epoch} | loss {total_loss:.4f} (ce {ce:.4f}, rank "
+                          f"{rank_l:.4f}) | {rate:.1f} img/s | ETA {eta // 60:.0f}m{eta % 60:02.0f}s", flush=True)
+            if step % cfg.ckpt_interval == 0:
+                checkpoint("last.pt")
+            if interrupted:
+                checkpoint("last.pt")
+                print(f"interrupted: saved {out / 'last.pt'} at step {step}; continue with --init_from=resume")
+                return
+            if step % per_epoch == 0 or step == total:  # an epoch's end, or the run's
+                if rank == 0:
+                    evaluate_all(round(step / per_epoch, 3))
+                    model.train()
+                checkpoint("last.pt")
         if rank == 0:
             if skipped:
                 (out / "skipped.txt").write_text("\n".join(skipped) + "\n")

@@ -1,6 +1,6 @@
 """CLIP's ViT image encoder, written from scratch, and loading of the checkpoints researchers have.
 
-DFD-HR (SPEC §1) is built on the CLIP ViT-L/14 image encoder. This module holds that encoder
+DFD-HR is built on the CLIP ViT-L/14 image encoder. This module holds that encoder
 with the parameter names of OpenAI's checkpoint, so an OpenAI state dict loads with
 `strict=True`, and `load_clip`, which reads every size off the tensors of:
 
@@ -10,7 +10,7 @@ with the parameter names of OpenAI's checkpoint, so an OpenAI state dict loads w
     `CLIPVisionModelWithProjection`) as `.safetensors` or `.bin`, or the folder holding them.
 
 The routed model (dfdhr.py) drives the encoder piece by piece: `embed`, then any block of
-`blocks` on any subset of rows and tokens, then `head`.
+`blocks` on any subset of rows and tokens, then `project` (ln_post and CLIP's projection).
 
 Letters: B batch, N tokens (1 CLS + grid² patches), D width, H heads, C head width (D / H).
 """
@@ -20,7 +20,6 @@ import zipfile
 from collections import OrderedDict
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -124,7 +123,7 @@ class VisionTransformer(nn.Module):
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # (B, N, D)
         return self.ln_pre(x)
 
-    def head(self, cls):  # (B, D) -> (B, output_dim)
+    def project(self, cls):  # (B, D) -> (B, output_dim): ln_post, then CLIP's projection
         x = self.ln_post(cls)
         return x @ self.proj if self.proj is not None else x
 
@@ -139,7 +138,7 @@ class VisionTransformer(nn.Module):
         x = self.embed(x)
         for block in self.blocks:
             x = block(x)
-        return self.head(x[:, 0])
+        return self.project(x[:, 0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,9 +252,12 @@ def load_clip(source, *, heads=None):
         if not path.exists():
             raise CheckpointError(f"{name}: no such file")
         config = path.parent / "config.json"
-        if heads is None and config.exists():
+        if config.exists():
             cfg = json.loads(config.read_text())
-            heads = cfg.get("vision_config", cfg).get("num_attention_heads")
+            stored = cfg.get("vision_config", cfg).get("num_attention_heads")
+            if heads is not None and stored is not None and stored != heads:
+                raise CheckpointError(f"{config} says {stored} attention heads, {heads} were asked for")
+            heads = heads or stored
         sd = _read_file(path)
     else:
         name, sd = "<state dict>", source
@@ -283,24 +285,3 @@ def load_clip(source, *, heads=None):
                               f"image {grid * patch}): " + "; ".join(problems))
     model.load_state_dict(sd, strict=True)
     return model
-
-
-# ---------------------------------------------------------------------------------------------
-# Preprocessing
-# ---------------------------------------------------------------------------------------------
-
-def clip_preprocess(image, size=224):
-    """CLIP's preprocessing of a PIL image: bicubic resize of the short side, centre crop, mean/std.
-
-    `size=448` gives the input of the split model (SPEC §2). Returns (3, size, size) float32.
-    """
-    image = image.convert("RGB")
-    w, h = image.size
-    short, long = min(w, h), max(w, h)
-    new_long = int(size * long / short)
-    image = image.resize((size, new_long) if w <= h else (new_long, size), resample=3)  # 3 = bicubic
-    w, h = image.size
-    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
-    image = image.crop((left, top, left + size, top + size))
-    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, S, S)
-    return (x - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]

@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_bench_quick_runs_and_outputs_agree(tmp_path):
     out = tmp_path / "bench.json"
-    subprocess.run([sys.executable, "bench.py", "--quick", "--json", str(out)], cwd=ROOT, check=True,
+    subprocess.run([sys.executable, "bench.py", "--quick", f"--json={out}"], cwd=ROOT, check=True,
                    capture_output=True, text=True)
     results = json.loads(out.read_text())
     assert {r["precision"] for r in results["backbone"]} == {"fp32", "bf16"}

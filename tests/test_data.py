@@ -139,7 +139,7 @@ def test_synthetic_default_collate_and_workers_agree_with_direct_indexing():
 
 
 def test_synthetic_augmentation_is_reproducible_and_changes_with_the_epoch():
-    ds = _synthetic(augment=data.Augment(p=0.5))
+    ds = _synthetic(augment=data.Augment())
     first = ds[5]["image"]
     torch.testing.assert_close(ds[5]["image"], first, rtol=0, atol=0)
     changed = []
@@ -320,24 +320,48 @@ def test_to_input_matches_a_hand_computation():
 
 def test_augment_is_deterministic_for_the_same_rng_seed():
     img = Image.fromarray(np.random.default_rng(1).integers(0, 255, (32, 32, 3), dtype=np.uint8))
-    augment = data.Augment(p=0.5)
+    augment = data.Augment(probability=2)
     outs = [np.asarray(augment(img, np.random.default_rng(s))) for s in (3, 3, 4)]
     np.testing.assert_array_equal(outs[0], outs[1])
     assert not np.array_equal(outs[0], outs[2])
-    seeded = [np.asarray(data.Augment(p=0.5, seed=9)(img)) for _ in range(2)]
+    seeded = [np.asarray(data.Augment(seed=9)(img)) for _ in range(2)]
     np.testing.assert_array_equal(seeded[0], seeded[1])
-
-
-def test_augment_flip_only_equals_numpy_fliplr_and_nothing_is_identity():
-    img = Image.fromarray(np.random.default_rng(2).integers(0, 255, (16, 24, 3), dtype=np.uint8))
-    flipped = data.Augment(p=0.0, flip_p=1.0)(img, np.random.default_rng(0))
-    np.testing.assert_array_equal(np.asarray(flipped), np.fliplr(np.asarray(img)))
-    same = data.Augment(p=0.0, flip_p=0.0)(img, np.random.default_rng(0))
+    same = data.Augment(probability=0)(img, np.random.default_rng(0))
     np.testing.assert_array_equal(np.asarray(same), np.asarray(img))
 
 
-def test_augment_smoke_every_operation_keeps_size_and_mode():
-    img = Image.fromarray(np.random.default_rng(3).integers(0, 255, (20, 30, 3), dtype=np.uint8))
-    for seed in range(10):
-        out = data.Augment(p=1.0)(img, np.random.default_rng(seed))
-        assert out.size == img.size and out.mode == "RGB"
+def test_augment_fires_each_operation_with_deepfakebenchs_probability_in_its_order(monkeypatch):
+    """Over 4000 draws each operation fires as often as DeepfakeBench's list says (within 4σ),
+    independently of the others, and in the list's order."""
+    expected = {"hflip": .5, "brightness_contrast": .5, "hue_saturation_value": .3, "jpeg": .1, "gauss_noise": .1,
+                "motion_blur": .1, "clahe": .1, "channel_shuffle": .1, "cutout": .1, "gamma": .3, "glass_blur": .3}
+    calls = []
+    for name in expected:
+        monkeypatch.setattr(data.Augment, name, staticmethod(lambda img, rng, name=name: calls.append(name) or img))
+    augment, img, n = data.Augment(), Image.new("RGB", (8, 8)), 4000
+    fired = []
+    for i in range(n):
+        calls.clear()
+        augment(img, np.random.default_rng(i))
+        assert calls == [k for k in expected if k in calls]  # the order of the list
+        fired.append(set(calls))
+    for name, p in expected.items():
+        rate = np.mean([name in f for f in fired])
+        assert abs(rate - p) < 4 * np.sqrt(p * (1 - p) / n), (name, rate, p)
+    both = np.mean([{"hflip", "gamma"} <= f for f in fired])
+    assert abs(both - .5 * .3) < 4 * np.sqrt(.15 * .85 / n)  # independent draws
+
+
+def test_hflip_is_numpy_fliplr_and_every_operation_keeps_size_and_mode():
+    img = Image.fromarray(np.random.default_rng(2).integers(0, 255, (16, 24, 3), dtype=np.uint8))
+    np.testing.assert_array_equal(np.asarray(data.Augment.hflip(img, None)), np.fliplr(np.asarray(img)))
+    for name, _ in data.Augment.OPS:  # smoke: shapes and modes only
+        out = getattr(data.Augment, name)(img, np.random.default_rng(0))
+        assert out.size == img.size and out.mode == "RGB", name
+
+
+def test_clahe_without_a_clip_on_one_tile_is_histogram_equalisation():
+    channel = np.random.default_rng(4).integers(60, 120, (40, 56)).astype(np.uint8)
+    cdf = np.cumsum(np.bincount(channel.ravel(), minlength=256)) / channel.size
+    want = np.round(255 * cdf[channel]).astype(np.uint8)  # the textbook global equalisation
+    np.testing.assert_array_equal(data.clahe(channel, clip_limit=1e9, tiles=1), want)

@@ -15,7 +15,7 @@ import data
 import figures
 import synthetic
 import train
-from dfdhr import DFDHR, make_config
+from dfdhr import DFDHR, force_exit, make_config
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "walkthrough.ipynb"
 
@@ -68,14 +68,9 @@ def test_roc_and_exit_layers_on_a_hand_made_one_class_set():
 
 
 def test_token_overlays_show_exited_layers():
-    class Exit(torch.nn.Module):  # a layer judge that ends every sample's pass
-        def forward(self, cls):
-            return torch.full(cls.shape[:1], -10.0)
-
     torch.manual_seed(0)
     cfg = make_config("small")
-    model = DFDHR(cfg)
-    model.routers[0].layer_judges = torch.nn.ModuleList(Exit() for _ in model.routers[0].layer_judges)
+    model = force_exit(DFDHR(cfg), cfg.first_routed_layer)  # every sample's pass ends at the first routed layer
     ds = synthetic.SyntheticForgeries(methods=["faceswap"], num_videos=2, frames_per_video=1,
                                       image_size=cfg.image_size, seed=0)
     axes = figures.token_overlays(model, ds, n=2).axes

@@ -281,7 +281,7 @@ def test_vpt_deep_against_explicit_prompts():
         P = vpt.prompts.tokens.expand(len(h), -1, -1)
         out = block(torch.cat([h[:, :1], P, h[:, 1:]], 1))  # (B, 1 + P + N-1, D)
         h = torch.cat([out[:, :1], out[:, 1 + len(vpt.prompts.tokens):]], 1)  # prompt outputs discarded
-    expected = base.head(bb.head(h[:, 0]))
+    expected = base.head(bb.project(h[:, 0]))
     torch.testing.assert_close(model(x).logits, expected, rtol=0, atol=1e-5)
 
 

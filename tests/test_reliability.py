@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+import predict
 import train
 from test_train import TINY
 
@@ -112,12 +113,39 @@ def test_bad_checkpoints(tmp_path):
         train.main(["--init_from=resume", f"--out_dir={tmp_path / 'c'}"])
 
 
+class RunsCode:
+    """A pickled object whose loading would run a command: what a malicious checkpoint carries."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.marker), "the checkpoint ran code"))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_unrun(tmp_path):
+    run = tmp_path / "run"
+    train.main(TINY + ["--max_iters=1", f"--out_dir={run}"])
+    marker = tmp_path / "pwned.txt"
+    for name in ("best.pt", "last.pt"):
+        ckpt = torch.load(run / name, weights_only=True)
+        torch.save({**ckpt, "payload": RunsCode(marker)}, run / name)  # a tampered copy of a real checkpoint
+    with pytest.raises(SystemExit, match=r"best\.pt: not a readable checkpoint of this project \(it is loaded with "
+                                         r"weights_only=True"):
+        predict.main([f"--input={tmp_path}", f"--out_dir={run}"])
+    with pytest.raises(SystemExit, match=r"last\.pt: not a readable checkpoint of this project"):
+        train.main(["--init_from=resume", f"--out_dir={run}"])
+    assert not marker.exists()
+    torch.load(run / "last.pt", weights_only=False)  # the payload is real: an unsafe load runs it
+    assert marker.read_text() == "the checkpoint ran code"
+
+
 def test_bad_config_is_refused_before_work(tmp_path):
-    for args, message in ((["--bogus=1"], "unknown option --bogus"), (["--lr=fast"], "--lr=fast: expected float"),
+    for args, message in ((["--bogus=1"], "unknown option '--bogus=1'"), (["--lr=fast"], "--lr=fast: expected float"),
                           (["--keep_ratio=0"], "keep_ratio=0.0 must be in"),
-                          (["--first_routed_layer=30"], "first_routed_layer=30 must be in"),
+                          (["--first_routed_layer=30"], "first_routed_layer=30 leaves no routed layer"),
                           (["--batch_size=0"], "--batch_size=0 must be at least 1"),
-                          (["--method=nope"], "--method=nope: choose dfdhr or one of")):
+                          (["--method=nope"], "--method=nope: choose one of dfdhr, baseline")):
         with pytest.raises(SystemExit, match=message):
             train.main(args + [f"--out_dir={tmp_path / 'never'}"])
     assert not (tmp_path / "never").exists()
@@ -131,7 +159,7 @@ def test_nan_loss_stops_with_the_step_sources_and_last_checkpoint(tmp_path):
     assert "loss is nan" in message or "loss is inf" in message
     assert "batch sources: synthetic:" in message and f"last good checkpoint: {tmp_path / 'last.pt'}" in message
     step = int(message.split("step ")[1].split(":")[0])
-    assert torch.load(tmp_path / "last.pt", weights_only=False)["step"] == step  # the last finite step, untouched
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == step  # the last finite step, untouched
 
 
 def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one(tmp_path, monkeypatch):
@@ -145,7 +173,7 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one(tmp_path, monk
     monkeypatch.setattr(torch, "save", dies_midway)
     with pytest.raises(KeyboardInterrupt):
         train.save_atomic({"step": 2}, path)
-    assert torch.load(path, weights_only=False) == {"step": 1}
+    assert torch.load(path, weights_only=True) == {"step": 1}
 
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # every leg with the same threads: the same float reductions
@@ -173,12 +201,12 @@ def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tmp_path):
     wait_for_checkpoint(killed / "last.pt", proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    step_at_kill = torch.load(killed / "last.pt", weights_only=False)["step"]
+    step_at_kill = torch.load(killed / "last.pt", weights_only=True)["step"]
     assert step_at_kill < 24, "the run ended before it was killed"
     subprocess.run([sys.executable, "train.py", "--init_from=resume", f"--out_dir={killed}"], cwd=ROOT, env=ENV,
                    check=True, capture_output=True)
-    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)
-    b = torch.load(killed / "last.pt", weights_only=False)
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
+    b = torch.load(killed / "last.pt", weights_only=True)
     assert a["step"] == b["step"] == 24
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     ma = json.loads((tmp_path / "straight" / "metrics.json").read_text())
@@ -195,7 +223,7 @@ def test_sigint_saves_and_exits_cleanly(tmp_path):
     assert proc.returncode == 0, out
     assert "interrupted: saved" in out
     step = int(out.split("interrupted: saved")[1].split("at step ")[1].split(";")[0])
-    assert torch.load(tmp_path / "last.pt", weights_only=False)["step"] == step < 400
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == step < 400
 
 
 def test_same_seed_same_metrics(tmp_path):

@@ -1,0 +1,39 @@
+"""`--key=value` options, the one override parser of every script (train.py, predict.py, ...); a bare
+`--flag` sets a bool to true.
+
+Each script keeps its settings in dataclasses with commented defaults; `parse` turns the command
+line into typed overrides of their fields and refuses anything else before work starts.
+"""
+from dataclasses import fields
+
+TRUE, FALSE = ("true", "1", "yes"), ("false", "0", "no")
+
+
+def parse(argv, *settings):
+    """argv -> one dict of typed overrides per dataclass in `settings` (a key goes to the first
+    that has the field). Raises SystemExit naming the argument for an unknown key or a bad value."""
+    owner = {}
+    for i, kind in enumerate(settings):
+        for f in fields(kind):
+            owner.setdefault(f.name, (i, f.type))
+    out = [{} for _ in settings]
+    for arg in argv:
+        key, _, value = arg[2:].partition("=")
+        if not arg.startswith("--") or key not in owner:
+            raise SystemExit(f"unknown option {arg!r}; options are --key=value with key one of {', '.join(sorted(owner))}")
+        i, kind = owner[key]
+        if "=" not in arg and kind is not bool:
+            raise SystemExit(f"--{key} needs a value: --{key}=...")
+        out[i][key] = True if "=" not in arg else typed(key, value, kind)  # a bare --flag is --flag=true
+    return out
+
+
+def typed(key, value, kind):
+    if kind is bool:
+        if value.lower() not in TRUE + FALSE:
+            raise SystemExit(f"--{key}={value}: expected true or false")
+        return value.lower() in TRUE
+    try:
+        return kind(value)
+    except ValueError:
+        raise SystemExit(f"--{key}={value}: expected {kind.__name__}") from None

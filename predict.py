@@ -1,0 +1,105 @@
+"""Score face images and videos with a trained DFD-HR checkpoint (a train.py run's `best.pt`).
+
+    python predict.py --input=face.png                  # an image, a folder of images, a video, a folder of videos
+    python predict.py --input=clips/ --out_dir=out/ffpp --frames=32
+
+Images are taken as face crops (resized to the model's input); from a video, `frames` frames are
+taken evenly and the face is cropped from each (extract.py, the optional video extra). A video's
+score is the mean fake probability of its frames, as the video-level AUC uses. One line per input
+is printed, and every frame's score and exit layers are written to `predictions.csv` and
+`predictions.json` in out_dir (or `--output`, without suffix).
+"""
+import csv
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import cli
+import data
+import train
+from dfdhr import DFDHRConfig
+
+
+@dataclass(frozen=True)
+class Options:
+    input: str = ""            # an image, a video, or a folder of either
+    out_dir: str = "out"       # the run whose best.pt scores
+    checkpoint: str = ""       # a checkpoint file instead of out_dir/best.pt
+    frames: int = 32           # frames per video (DeepfakeBench's test setting)
+    detector: str = "haar"     # face detector for videos (extract.py): "haar" or "dlib"
+    output: str = ""           # where predictions.{csv,json} go (default: out_dir/predictions)
+    batch_size: int = 32
+    device: str = "auto"       # "auto", "cpu", "cuda"
+
+
+def load_model(path, device="cpu"):
+    """The model of a train.py checkpoint, read without executing code (train.load_checkpoint)."""
+    ckpt = train.load_checkpoint(Path(path))
+    model = train.build_model(train.Settings(**ckpt["config"]), DFDHRConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval()
+
+
+def inputs(path):
+    """The images and videos to score: `path` itself, or every one under the folder, sorted."""
+    path = Path(path)
+    if not path.exists():
+        raise SystemExit(f"{path}: no such file or folder")
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    found = [p for p in files if p.suffix.lower() in data.IMAGE_SUFFIXES + data.VIDEO_SUFFIXES]
+    if not found:
+        raise SystemExit(f"{path}: no image ({'/'.join(data.IMAGE_SUFFIXES)}) or video "
+                         f"({'/'.join(data.VIDEO_SUFFIXES)}) in it")
+    return found
+
+
+def faces(path, opts, size):
+    """(name of each frame, (F, 3, S, S) model inputs) of an image or a video."""
+    if path.suffix.lower() in data.IMAGE_SUFFIXES:
+        return [path.name], data.to_input(data.load_image(path), size)[None]
+    import extract  # the optional video extra, needed only for videos
+    video = extract.video_faces(path, frames=opts.frames, size=size, detector=opts.detector)
+    return [f"frame {i}" for i in video.frame_indices], torch.stack([data.to_input(c, size) for c in video.crops])
+
+
+@torch.no_grad()
+def main(argv):
+    opts, = cli.parse(argv, Options)
+    opts = Options(**opts)
+    if not opts.input:
+        raise SystemExit("--input=PATH: an image, a video, or a folder of them")
+    device = "cuda" if opts.device == "cuda" or (opts.device == "auto" and torch.cuda.is_available()) else "cpu"
+    model = load_model(opts.checkpoint or Path(opts.out_dir) / "best.pt", device)
+    rows, results = [], {}
+    for path in inputs(opts.input):
+        try:
+            names, x = faces(path, opts, model.config.image_size)
+        except ValueError as e:  # an unreadable image, a video without a face: reported, the others go on
+            print(f"{path}  skipped: {e}")
+            results[str(path)] = {"skipped": str(e)}
+            continue
+        probs, exits = [], []
+        for chunk in x.split(opts.batch_size):
+            prob, out = model.predict(chunk.to(device))
+            probs += prob.float().cpu().tolist()
+            exits += out.exit_layer.cpu().tolist()
+        score = sum(probs) / len(probs)
+        print(f"{path}  fake probability {score:.4f}" + (f" (mean of {len(probs)} frames)" if len(probs) > 1 else "")
+              + f"  exit layer per view {exits[0] if len(exits) == 1 else 'per frame in the files'}")
+        results[str(path)] = {"score": score, "frames": [{"frame": n, "prob": p, "exit_layer": e}
+                                                         for n, p, e in zip(names, probs, exits)]}
+        rows += [[str(path), n, f"{p:.6f}", " ".join(map(str, e))] for n, p, e in zip(names, probs, exits)]
+    stem = Path(opts.output) if opts.output else Path(opts.out_dir) / "predictions"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    with open(stem.with_suffix(".csv"), "w", newline="") as f:
+        csv.writer(f).writerows([["input", "frame", "fake_probability", "exit_layer_per_view"], *rows])
+    print(f"per-frame scores and exit layers: {stem.with_suffix('.csv')}, {stem.with_suffix('.json')}")
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -177,17 +177,26 @@ def _read_file(path):
     """Tensors of a checkpoint file, whatever its container: TorchScript, torch.save, safetensors."""
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            return load_file(str(path))
+            return _read_safetensors(path)
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as archive:
                 torchscript = any(n.endswith("constants.pkl") for n in archive.namelist())
             if torchscript:  # OpenAI's released files
                 return torch.jit.load(str(path), map_location="cpu").state_dict()
         return torch.load(path, map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
     except Exception as e:  # unpicklers fail in many ways on a file that is not theirs
-
         raise CheckpointError(f"{path}: not a readable checkpoint (TorchScript, torch.save or safetensors): {e}") from e
+
+
+def _read_safetensors(path):  # Hugging Face's files; the package is needed for them only
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise CheckpointError(f"{path}: reading .safetensors files needs the safetensors package "
+                              "(pip install safetensors)") from None
+    return load_file(str(path))
 
 
 def _find_weights(path):

@@ -155,3 +155,10 @@ def test_bad_checkpoints_get_clear_errors(tmp_path):
     assert "resnet.pt: no CLIP ViT image encoder" in msg
     msg = bad(tmp_path, "wrapped.pt", {"model": sd, "step": 3})
     assert "wrapped.pt: not a state dict of tensors" in msg
+
+
+def test_an_asked_head_count_that_contradicts_config_json_is_refused(tmp_path, hf_clip):
+    hf_clip(width=64, layers=2, heads=2, patch=8, image=32, proj=48).save_pretrained(tmp_path)
+    assert load_clip(tmp_path).heads == load_clip(tmp_path, heads=2).heads == 2
+    with pytest.raises(CheckpointError, match=r"config\.json says 2 attention heads, 4 were asked for"):
+        load_clip(tmp_path, heads=4)

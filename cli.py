@@ -9,17 +9,25 @@ from dataclasses import fields
 TRUE, FALSE = ("true", "1", "yes"), ("false", "0", "no")
 
 
-def parse(argv, *settings):
+def parse(argv, *settings, positional=()):
     """argv -> one dict of typed overrides per dataclass in `settings` (a key goes to the first
-    that has the field). Raises SystemExit naming the argument for an unknown key or a bad value."""
+    that has the field); arguments without "--" fill the fields named in `positional`, in order.
+    Raises SystemExit naming the argument for an unknown key, a bad value or a missing argument."""
     owner = {}
     for i, kind in enumerate(settings):
         for f in fields(kind):
             owner.setdefault(f.name, (i, f.type))
     out = [{} for _ in settings]
-    for arg in argv:
+    plain = [a for a in argv if not a.startswith("--")]
+    if len(plain) != len(positional):
+        raise SystemExit(f"expected {len(positional)} argument(s) ({' '.join(positional).upper() or 'none'}) besides "
+                         f"--key=value options, got {len(plain)}: {' '.join(plain)}")
+    for name, value in zip(positional, plain):
+        i, kind = owner[name]
+        out[i][name] = typed(name, value, kind)
+    for arg in (a for a in argv if a.startswith("--")):
         key, _, value = arg[2:].partition("=")
-        if not arg.startswith("--") or key not in owner:
+        if key not in owner:
             raise SystemExit(f"unknown option {arg!r}; options are --key=value with key one of {', '.join(sorted(owner))}")
         i, kind = owner[key]
         if "=" not in arg and kind is not bool:

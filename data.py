@@ -23,7 +23,6 @@ from torch.utils.data import Dataset, default_collate
 from vit import CLIP_MEAN, CLIP_STD
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm")  # read by extract.py (the optional video extra)
 _MEAN, _STD = np.array(CLIP_MEAN, np.float32), np.array(CLIP_STD, np.float32)
 _AUGMENT, _HOLD_OUT = 5, 6  # random streams of the augmentation and the validation split, apart from synthetic.py's
 MIN_SIDE = 16  # a smaller image cannot be a face crop: it is skipped like an unreadable one
@@ -152,42 +151,53 @@ def hold_out_videos(dataset: FrameDataset, fraction: float, *, seed: int):
 class FrameFolder(FrameDataset):
     """Face crops on disk: ROOT/real/<video>/<frame> and ROOT/fake/[<method>/]<video>/<frame>
     (.png/.jpg/.jpeg). The video id is the video folder relative to ROOT, e.g.
-    "fake/Deepfakes/000_003"; frames of files directly in fake/<video>/ get method "fake"."""
+    "fake/Deepfakes/000_003"; frames of files directly in fake/<video>/ get method "fake".
+    A folder without frames (a failed face extraction leaves them) is skipped, listed in
+    `skipped_videos` and named in a warning; only a class without any video left stops."""
 
     def __init__(self, root, *, frames_per_video, image_size, sampling="even", augment=None, seed=0):
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"data root not found: {root}")
         super().__init__(image_size=image_size, augment=augment, seed=seed)
+        self.skipped_videos: list[str] = []  # folders without frames, relative to root
         for label, kind in ((0, "real"), (1, "fake")):
             top = root / kind
             if not top.is_dir():
                 raise FileNotFoundError(f"missing folder {top} (expected {kind}/<video>/<frames>)")
-            videos = self._videos(top)
+            videos, empty = self._videos(top)
+            empty = [f.relative_to(root).as_posix() for f in empty]
+            self.skipped_videos += empty
             if not videos:
-                raise ValueError(f"no video folders in {top}")
+                named = f" ({len(empty)} without frames: {', '.join(empty[:3])})" if empty else ""
+                raise ValueError(f"no video folders in {top} with frames ({'/'.join(IMAGE_SUFFIXES)}){named}")
             for folder, frames in videos:
                 method = "real" if label == 0 else folder.parent.name if folder.parent != top else "fake"
                 video = folder.relative_to(root).as_posix()
                 self.samples += [Sample(str(f), label, video, method)
                                  for f in pick_frames(frames, frames_per_video, sampling)]
+        if self.skipped_videos:
+            print(f"warning: {root}: skipped {len(self.skipped_videos)} video folders without frames: "
+                  + ", ".join(self.skipped_videos[:5]) + (", ..." if len(self.skipped_videos) > 5 else ""))
 
     @staticmethod
-    def _videos(top: Path) -> list:
-        """(folder, sorted frames) of every video under `top`; one method level is allowed."""
-        videos = []
+    def _videos(top: Path) -> tuple[list, list]:
+        """(folder, sorted frames) of every video under `top`, one method level allowed, and the
+        folders without frames."""
+        videos, empty = [], []
         for folder in _subfolders(top):
             if _frames(folder):
                 videos.append((folder, _frames(folder)))
                 continue
             subfolders = _subfolders(folder)
             if not subfolders:
-                raise ValueError(f"empty folder {folder}")
+                empty.append(folder)
             for video in subfolders:
-                if not _frames(video):
-                    raise ValueError(f"no frames ({'/'.join(IMAGE_SUFFIXES)}) in {video}")
-                videos.append((video, _frames(video)))
-        return videos
+                if _frames(video):
+                    videos.append((video, _frames(video)))
+                else:
+                    empty.append(video)
+        return videos, empty
 
 
 def _subfolders(folder: Path) -> list:  # hidden ones (.ipynb_checkpoints, ...) left out

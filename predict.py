@@ -19,6 +19,7 @@ import torch
 
 import cli
 import data
+import extract  # imports OpenCV and dlib only when a video is read
 import train
 from dfdhr import DFDHRConfig
 
@@ -29,7 +30,7 @@ class Options:
     out_dir: str = "out"       # the run whose best.pt scores
     checkpoint: str = ""       # a checkpoint file instead of out_dir/best.pt
     frames: int = 32           # frames per video (DeepfakeBench's test setting)
-    detector: str = "haar"     # face detector for videos (extract.py): "haar" or "dlib"
+    detector: str = "dlib"     # face detector for videos (extract.py): "dlib" or "haar"
     output: str = ""           # where predictions.{csv,json} go (default: out_dir/predictions)
     batch_size: int = 32
     device: str = "auto"       # "auto", "cpu", "cuda"
@@ -49,10 +50,10 @@ def inputs(path):
     if not path.exists():
         raise SystemExit(f"{path}: no such file or folder")
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    found = [p for p in files if p.suffix.lower() in data.IMAGE_SUFFIXES + data.VIDEO_SUFFIXES]
+    found = [p for p in files if p.suffix.lower() in data.IMAGE_SUFFIXES or extract.is_video(p)]
     if not found:
         raise SystemExit(f"{path}: no image ({'/'.join(data.IMAGE_SUFFIXES)}) or video "
-                         f"({'/'.join(data.VIDEO_SUFFIXES)}) in it")
+                         f"({'/'.join(extract.VIDEO_SUFFIXES)}) in it")
     return found
 
 
@@ -60,7 +61,6 @@ def faces(path, opts, size):
     """(name of each frame, (F, 3, S, S) model inputs) of an image or a video."""
     if path.suffix.lower() in data.IMAGE_SUFFIXES:
         return [path.name], data.to_input(data.load_image(path), size)[None]
-    import extract  # the optional video extra, needed only for videos
     video = extract.video_faces(path, frames=opts.frames, size=size, detector=opts.detector)
     return [f"frame {i}" for i in video.frame_indices], torch.stack([data.to_input(c, size) for c in video.crops])
 
@@ -77,7 +77,7 @@ def main(argv):
     for path in inputs(opts.input):
         try:
             names, x = faces(path, opts, model.config.image_size)
-        except ValueError as e:  # an unreadable image, a video without a face: reported, the others go on
+        except (ValueError, ImportError) as e:  # an unreadable image or video, no face, no video extra: reported
             print(f"{path}  skipped: {e}")
             results[str(path)] = {"skipped": str(e)}
             continue

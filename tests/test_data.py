@@ -199,8 +199,23 @@ def test_frame_folder_errors_name_the_path(tmp_path):
     with pytest.raises(ValueError, match="no video folders in .*fake"):
         data.FrameFolder(tmp_path, frames_per_video=2, image_size=16)
     (tmp_path / "fake" / "NeuralTextures" / "007").mkdir(parents=True)
-    with pytest.raises(ValueError, match="NeuralTextures.007"):
+    with pytest.raises(ValueError, match="no video folders in .*fake with frames .*1 without frames: "
+                                         "fake/NeuralTextures/007"):
         data.FrameFolder(tmp_path, frames_per_video=2, image_size=16)
+
+
+def test_frame_folder_skips_and_names_video_folders_without_frames(tmp_path, capsys):
+    _write_video(tmp_path / "real" / "000", 3)
+    _write_video(tmp_path / "fake" / "Deepfakes" / "000_003", 3)
+    for empty in ("real/001", "fake/Deepfakes/001_002", "fake/FaceSwap"):  # what failed extractions leave
+        (tmp_path / empty).mkdir(parents=True)
+    (tmp_path / "fake" / "Deepfakes" / "002_004").mkdir()
+    (tmp_path / "fake" / "Deepfakes" / "002_004" / "done.json").write_text("{}")  # a file, but no frame
+    ds = data.FrameFolder(tmp_path, frames_per_video=4, image_size=16)
+    assert sorted({s.video for s in ds.samples}) == ["fake/Deepfakes/000_003", "real/000"] and len(ds) == 6
+    assert sorted(ds.skipped_videos) == ["fake/Deepfakes/001_002", "fake/Deepfakes/002_004", "fake/FaceSwap",
+                                         "real/001"]
+    assert "skipped 4 video folders without frames: real/001, fake/Deepfakes/001_002" in capsys.readouterr().out
 
 
 def _ff_json(tmp_path, compression_level):

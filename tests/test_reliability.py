@@ -64,6 +64,14 @@ def test_unreadable_frames_are_skipped_and_counted(tmp_path, capsys):
     assert len((tmp_path / "out" / "skipped.txt").read_text().splitlines()) == 1
 
 
+def test_a_video_folder_without_frames_is_skipped_and_named(tmp_path, capsys):
+    root = frame_folder(tmp_path / "faces")
+    (root / "fake" / "M" / "v_no_face").mkdir()  # what a face extraction that found no face leaves
+    m = run_on_folder(root, tmp_path / "out")
+    assert m["videos"] == 4 and m["frames"] == 12  # the four videos with frames, nothing of the empty one
+    assert "skipped 1 video folders without frames: fake/M/v_no_face" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("case, message", [
     ("missing_root", "data root not found: .*nowhere"),
     ("empty_real", "no video folders in .*real"),

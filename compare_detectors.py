@@ -16,9 +16,12 @@ import time
 import matplotlib.cbook
 import numpy as np
 from PIL import Image
-from skimage import data as skdata
-
 import extract
+
+try:
+    from skimage import data as skdata  # its photographs: astronaut and lfw_subset
+except ImportError:
+    raise SystemExit("compare_detectors.py needs scikit-image for its photographs: pip install scikit-image") from None
 
 ASTRONAUT, ASTRONAUT_FACE = skdata.astronaut(), (180, 70, 260, 160)  # (x0, y0, x1, y1): hairline to chin
 GRACE = np.asarray(Image.open(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)).convert("RGB"))

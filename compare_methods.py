@@ -1,8 +1,9 @@
-"""The project's own supp. Tab. A: every fine-tuning method of peft.py and DFD-HR, trained by train.py
-with the same budget on the same data, in one table.
+"""The project's own supp. Tab. A and main ablation: fine-tuning methods of peft.py, DFD-HR and rows of
+dfdhr.ABLATIONS, each trained by train.py with the same budget on the same data, in one table.
 
-    python compare_methods.py                                   # all methods, 60 steps each, synthetic benchmark
+    python compare_methods.py                                   # all methods, each one train.py run, synthetic benchmark
     python compare_methods.py --methods=lora,dora,dfdhr --max_iters=300 --synthetic_train_videos=480
+    python compare_methods.py --ablations=main                  # the main ablation (Tab. 8): baseline .. full
     python compare_methods.py --params_only                     # trainable parameters at the paper's size
 
 The options of this script are `Options` below; every other `--key=value` goes to each train.py run unchanged. Run NAME
@@ -19,15 +20,21 @@ import torch
 import cli
 import peft
 import train
-from dfdhr import DFDHR, DFDHRConfig, make_config
+from dfdhr import ABLATIONS, DFDHR, DFDHRConfig, make_config
 
 
 @dataclass(frozen=True)
 class Options:
     methods: str = ",".join((*peft.METHODS, "dfdhr"))  # comma-separated
+    ablations: str = ""         # instead of methods: rows of dfdhr.ABLATIONS, comma-separated, or "main"
     out_dir: str = "out/compare"
-    max_iters: int = 60
+    max_iters: int = 0          # steps per run (0: train.py's own, its epochs)
     params_only: bool = False   # print the trainable parameters at the paper preset, train nothing
+
+
+# The main ablation of the paper (Tab. 8): routers added one at a time to the baseline, and the
+# Multi-Scale Fusion without and with them.
+MAIN_ABLATION = ("baseline", "+layer_pruning", "+token_selection", "+expert_routing", "fusion_only", "full")
 
 
 def trainable(config, method):
@@ -56,12 +63,18 @@ def main(argv):
     passed = [a for a in argv if a not in ours]
     opts = Options(**cli.parse(ours, Options)[0])
     given = cli.parse(passed, train.Settings, DFDHRConfig)[0]  # refuse a bad option before the first run, not after ten
-    if "method" in given:
-        raise SystemExit("--method is set by this script for each run")
-    names = [m for m in opts.methods.split(",") if m]
-    unknown = [m for m in names if m != "dfdhr" and m not in peft.METHODS]
+    if "method" in given or "ablation" in given:
+        raise SystemExit("--method and --ablation are set by this script for each run")
+    if opts.ablations:
+        names = list(MAIN_ABLATION) if opts.ablations == "main" else opts.ablations.split(",")
+        unknown = [a for a in names if a not in ABLATIONS]
+        kind = "ablation"
+    else:
+        names = [m for m in opts.methods.split(",") if m]
+        unknown = [m for m in names if m != "dfdhr" and m not in peft.METHODS]
+        kind = "method"
     if unknown:
-        raise SystemExit(f"unknown methods {unknown}; choose from dfdhr, {', '.join(peft.METHODS)}")
+        raise SystemExit(f"unknown {kind}s {unknown}")
     if opts.params_only:
         table = params_table(names)
         print(table)
@@ -75,7 +88,7 @@ def main(argv):
         (run / "metrics.json").unlink(missing_ok=True)
         t0 = time.time()
         try:
-            train.main([f"--method={name}", f"--out_dir={run}", f"--max_iters={opts.max_iters}", *passed])
+            train.main([f"--{kind}={name}", f"--out_dir={run}", f"--max_iters={opts.max_iters}", *passed])
             error = None
         except SystemExit as e:  # a run that fails (a NaN loss, ...) is reported, the others still run
             error = str(e)
@@ -85,19 +98,20 @@ def main(argv):
             break
         metrics = json.loads((run / "metrics.json").read_text()) if error is None else {}
         config = json.loads((run / "config.json").read_text())["model"] if (run / "config.json").exists() else None
-        params = trainable(DFDHRConfig(**config), name) if config else None
+        params = trainable(DFDHRConfig(**config), "dfdhr" if kind == "ablation" else name) if config else None
+        backbone = None if config is None else "frozen" if config["freeze_backbone"] else "fine-tuned"
         test_sets += [t for t in metrics if t not in test_sets]
-        rows.append((name, params, metrics, seconds, error))
+        rows.append((name, backbone, params, metrics, seconds, error))
 
-    header = ["method", "trainable params", *[f"{t} video AUC" for t in test_sets], "GMAC / image", "seconds"]
+    header = [kind, "backbone", "trainable params", *[f"{t} video AUC" for t in test_sets], "GMAC / image", "seconds"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name, params, metrics, seconds, error in rows:
+    for name, backbone, params, metrics, seconds, error in rows:
         gflops = next(iter(metrics.values()))["gflops_per_image"] if metrics else None
-        cells = [name, fmt(params, ","), *[fmt(metrics.get(t, {}).get("video_auc")) for t in test_sets],
+        cells = [name, backbone or "", fmt(params, ","), *[fmt(metrics.get(t, {}).get("video_auc")) for t in test_sets],
                  fmt(gflops, ".3f"), f"{seconds:.0f}"]
         lines.append("| " + " | ".join(cells) + " |" + (f" failed: {error}" if error else ""))
     settings = " ".join([f"--max_iters={opts.max_iters}", *passed])
-    table = (f"Same budget for every method: `{settings}`\n\n" + "\n".join(lines) + "\n\n"
+    table = (f"Same budget for every run: `{settings}`\n\n" + "\n".join(lines) + "\n\n"
              "GMAC (multiply-adds, the paper's FLOPs): train.py's estimate (dfdhr.estimate_flops) at the exits taken; for the methods of peft.py it is\n"
              "the plain ViT's, without the adapters' or prompts' own cost (VPT-deep runs N + 5 tokens).")
     root.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import cli
+import compare_methods
 import predict
 import train
 from dfdhr import DFDHRConfig
@@ -144,3 +145,16 @@ def test_two_gloo_processes_match_one(tmp_path):
     for name in one:
         assert np.allclose(one[name]["scores"]["prob"], two[name]["scores"]["prob"], atol=1e-5)
         assert one[name]["frame_auc"] == pytest.approx(two[name]["frame_auc"], abs=1e-6)
+
+
+def test_ablation_table_states_each_rows_regime_and_parameters(tmp_path, capsys):
+    table = compare_methods.main(TINY + ["--ablations=baseline,+expert_routing", "--max_iters=1",
+                                         f"--out_dir={tmp_path}"])
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in table.splitlines()
+            if line.startswith("| baseline") or line.startswith("| +expert")}
+    cfg = {name: json.loads((tmp_path / name / "config.json").read_text())["model"] for name in rows}
+    assert rows["baseline"][1] == "fine-tuned" and rows["+expert_routing"][1] == "frozen"
+    for name, row in rows.items():  # the parameters that train, counted from the run's own model
+        model = predict.load_model(tmp_path / name / "last.pt")
+        assert int(row[2].replace(",", "")) == sum(p.numel() for p in model.parameters() if p.requires_grad)
+        assert cfg[name]["freeze_backbone"] == (name == "+expert_routing")

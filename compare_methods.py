@@ -3,7 +3,7 @@ dfdhr.ABLATIONS, each trained by train.py with the same budget on the same data,
 
     python compare_methods.py                                   # all methods, each one train.py run, synthetic benchmark
     python compare_methods.py --methods=lora,dora,dfdhr --max_iters=300 --synthetic_train_videos=480
-    python compare_methods.py --ablations=main                  # the main ablation (Tab. 8): baseline .. full
+    python compare_methods.py --ablations=main                  # the main ablation: baseline, each router added, full
     python compare_methods.py --params_only                     # trainable parameters at the paper's size
 
 The options of this script are `Options` below; every other `--key=value` goes to each train.py run unchanged. Run NAME
@@ -32,7 +32,7 @@ class Options:
     params_only: bool = False   # print the trainable parameters at the paper preset, train nothing
 
 
-# The main ablation of the paper (Tab. 8): routers added one at a time to the baseline, and the
+# The paper's main ablation: routers added one at a time to the baseline, and the
 # Multi-Scale Fusion without and with them.
 MAIN_ABLATION = ("baseline", "+layer_pruning", "+token_selection", "+expert_routing", "fusion_only", "full")
 

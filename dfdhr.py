@@ -118,10 +118,10 @@ PRESETS = {
                          first_routed_layer=4, judge_hidden=32, adapter_rank=32),
 }
 
-# Each row of the paper's ablations as a change of the config. The main ablation (Tab. 8 of the
-# paper) adds one router at a time to the baseline, full fine-tuning of the original image at lr
-# 1e-6; rows without experts keep that regime (supp. Sec. B: variants are trained "consistent
-# with our baseline"), rows with experts freeze the backbone as the full model does.
+# Each row of the paper's ablations as a change of the config. The paper's main ablation adds one
+# router at a time to the baseline, full fine-tuning of the original image at lr 1e-6; rows without
+# experts keep that regime (supp. Sec. B: variants are trained "consistent with our baseline"), rows
+# with experts freeze the backbone as the full model does (README, "Where the paper is ambiguous").
 ABLATIONS = {
     "baseline": dict(multi_scale=False, layer_pruning=False, token_selection=False, expert_routing=False,
                      freeze_backbone=False),

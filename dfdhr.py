@@ -212,10 +212,9 @@ class Routers(nn.Module):
         D, R = config.width, len(config.routed_layers)
         self.layer_judges = nn.ModuleList(LayerJudge(dim=D, hidden=config.judge_hidden) for _ in range(R)) \
             if config.layer_pruning else None
-        if config.token_selection:
-            shared = TokenJudge(dim=D)
-            self.token_judges = nn.ModuleList(shared if config.share_token_judges else TokenJudge(dim=D)
-                                              for _ in range(R))
+        if config.token_selection:  # supp. Tab. C(c): one judge for every routed layer, or one each
+            judges = [TokenJudge(dim=D)] * R if config.share_token_judges else [TokenJudge(dim=D) for _ in range(R)]
+            self.token_judges = nn.ModuleList(judges)
         else:
             self.token_judges = None
         self.experts = nn.ModuleList(  # per layer: after attention, after the MLP

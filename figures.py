@@ -6,13 +6,15 @@
   roc               frame-level ROC curve per test set, behind the AUCs of the paper's tables
   training_curves   L = CE + λ·L_rank and its parts per step; video AUC per test set at epoch ends
   token_overlays    supp. Fig. B style: test faces with exit layer and fake probability, and the
-                    tokens each routed layer kept (Token Selection) drawn over the original image
+                    tokens each routed layer kept (Token Selection) drawn over the original image,
+                    from overlay_data(model, dataset): a stored run draws it without its model
   write_run_figures all of them as PNG files in out_dir/figures/, plus gate_weights.md
 
 Figures are built on matplotlib's Agg canvas directly, so importing this module leaves pyplot's
 backend alone. Layers are numbered from 0 as in dfdhr.py: "exit at layer T" means blocks
 0..T-1 ran; T = L means the sample ran every layer.
 """
+import json
 import re
 from pathlib import Path
 
@@ -192,28 +194,39 @@ def _pick(dataset, n):  # n sample indices, half real and half fake (as far as e
             for i in pool[np.linspace(0, len(pool) - 1, count).round().astype(int)].tolist()]
 
 
-def token_overlays(model, dataset, n=4):
-    """For n test faces: the global view with true class, fake probability and exit layer, then the
-    tokens kept by each routed layer (dropped patches darkened; "exited" where the sample had left)."""
-    cfg = model.config
+@torch.no_grad()
+def overlay_data(model, dataset, n=4):
+    """What token_overlays draws, as plain data (train.py stores it as overlays.json): for n test
+    faces (half real, half fake) their index in `dataset`, fake probability, exit layer of the
+    global view, and for each routed layer the token indices it kept (−1 where it had exited)."""
     picks = _pick(dataset, n)
-    items = [dataset[i] for i in picks]
-    batch = torch.stack([it["image"] for it in items]).to(next(model.parameters()).device)
+    batch = torch.stack([dataset[i]["image"] for i in picks]).to(next(model.parameters()).device)
     prob, out = model.predict(batch)
-    view = global_view(batch.float().cpu(), cfg.view_size)  # the original image, as DFDHR.forward sees it
-    grid, R = cfg.view_size // cfg.patch_size, len(out.kept)
+    return dict(first_routed_layer=model.config.first_routed_layer, layers=model.config.layers,
+                view_size=model.config.view_size, patch_size=model.config.patch_size,
+                faces=[dict(index=i, prob=float(prob[row]), exit=int(out.exit_layer[row, 0]),
+                            kept=[k[row, 0].tolist() for k in out.kept]) for row, i in enumerate(picks)])
+
+
+def token_overlays(overlays, dataset):
+    """supp. Fig. B style, from overlay_data(model, dataset): each test face's global view with its
+    true class, fake probability and exit layer, then the tokens each routed layer kept (dropped
+    patches darkened; "exited" where the sample had left)."""
+    faces, L, K = overlays["faces"], overlays["layers"], overlays["first_routed_layer"]
+    items = [dataset[f["index"]] for f in faces]
+    view = global_view(torch.stack([it["image"] for it in items]).float(), overlays["view_size"])
+    grid, R = overlays["view_size"] // overlays["patch_size"], max((len(f["kept"]) for f in faces), default=0)
     fig = _figure(max(2.3 * (1 + R), 4.5), 2.5 * len(items))
     axes = np.array(fig.subplots(len(items), 1 + R, squeeze=False))
-    for row, (it, p) in enumerate(zip(items, prob.tolist())):
-        img, T = to_display(view[row]), int(out.exit_layer[row, 0])
+    for row, (it, face) in enumerate(zip(items, faces)):
+        img, T = to_display(view[row]), face["exit"]
         truth = "real" if it["label"] == 0 else f"fake ({it['method']})"
         axes[row, 0].imshow(img)
-        axes[row, 0].set_title(f"{truth}\np(fake) = {p:.2f}, exit at layer {T}"
-                               + (" (ran all)" if T == cfg.layers else ""), fontsize=9,
+        axes[row, 0].set_title(f"{truth}\np(fake) = {face['prob']:.2f}, exit at layer {T}"
+                               + (" (ran all)" if T == L else ""), fontsize=9,
                                color=REAL if it["label"] == 0 else FAKE)
-        for r in range(R):
-            ax, layer = axes[row, 1 + r], cfg.first_routed_layer + r
-            idx = out.kept[r][row, 0].cpu().numpy()
+        for r, idx in enumerate(face["kept"]):
+            ax, layer, idx = axes[row, 1 + r], K + r, np.asarray(idx)
             ax.imshow(img)
             if (idx < 0).all():
                 ax.imshow(np.zeros((*img.shape[:2], 4)) + [0, 0, 0, 0.75])
@@ -238,7 +251,8 @@ def write_run_figures(out_dir, metrics, history, model, test_sets):
     """Every figure of a run as out_dir/figures/*.png, and supp. Tab. D as gate_weights.md.
 
     metrics: {test set: train.evaluate() dict}; history: train.py's history list; test_sets:
-    {test set: Dataset}, the first one gives token_overlays.png. Returns the paths written.
+    {test set: Dataset}, the first one gives token_overlays.png (and its data, overlays.json).
+    Returns the paths written.
     """
     folder = Path(out_dir) / "figures"
     folder.mkdir(parents=True, exist_ok=True)
@@ -261,6 +275,10 @@ def write_run_figures(out_dir, metrics, history, model, test_sets):
     save(roc(metrics), "roc.png")
     save(training_curves(history), "training_curves.png")
     if model is not None and test_sets:
-        save(token_overlays(model, next(iter(test_sets.values()))), "token_overlays.png")
+        first = next(iter(test_sets.values()))
+        overlays = overlay_data(model, first)
+        (folder / "overlays.json").write_text(json.dumps(overlays))
+        paths.append(folder / "overlays.json")
+        save(token_overlays(overlays, first), "token_overlays.png")
     (folder / "gate_weights.md").write_text("\n".join(table))
     return paths + [folder / "gate_weights.md"]

@@ -34,12 +34,16 @@ from dfdhr import ABLATIONS, DFDHR, DFDHRConfig, PRESETS, dfdhr_loss, make_confi
 from vit import CheckpointError, load_clip
 
 
+# The small preset's pretrained backbone, made by pretrain.py (README: "The pretrained small backbone").
+SMALL_CLIP = str(Path(__file__).resolve().with_name("weights") / "small_clip.pt")
+
+
 @dataclass(frozen=True)
 class Settings:
     preset: str = "small"          # model preset of dfdhr.PRESETS: "small" (CPU) or "paper" (CLIP ViT-L/14, 448 input)
     ablation: str = "full"         # a row of the paper's ablations, dfdhr.ABLATIONS
     method: str = "dfdhr"          # "dfdhr", or a fine-tuning method of supp. Tab. A on the baseline (peft.METHODS)
-    init_from: str = "scratch"     # "scratch", "resume" (out_dir/last.pt) or a CLIP checkpoint (vit.load_clip)
+    init_from: str = SMALL_CLIP    # a CLIP checkpoint (vit.load_clip), "resume" (out_dir/last.pt) or "scratch"
     out_dir: str = "out"
     # Data: "synthetic" (synthetic.py), a folder ROOT/{real,fake}/..., or a DeepfakeBench JSON file.
     train_data: str = "synthetic"
@@ -51,16 +55,19 @@ class Settings:
     data_root: str = ""            # DeepfakeBench: folder the JSON's relative frame paths start from
     train_split: str = "train"
     test_split: str = "test"
-    synthetic_train_videos: int = 1200
-    synthetic_test_videos: int = 60
-    synthetic_train_methods: str = "faceswap,upsample"   # forgery families seen in training (and in_domain)
-    synthetic_test_methods: str = "partial,selfblend"    # held-out families (cross_method)
-    frames_per_video: int = 8      # training frames per video (paper)
-    test_frames_per_video: int = 8  # test frames per video (paper: 8-32)
+    synthetic_protocol: str = "sbi"  # "sbi": train on real + self-blends, test each family; or "cross_method"
+    synthetic_strength: float = 4.0  # scales every forgery family alike (1: subtle; see synthetic.py)
+    synthetic_train_videos: int = 600   # sbi: real videos, each frame paired with its self-blend
+    synthetic_test_videos: int = 100    # fake videos per test set (sbi: per family, against as many real ones)
+    synthetic_train_methods: str = "faceswap,upsample"   # cross_method: families seen in training (and in_domain)
+    synthetic_test_methods: str = "partial,selfblend"    # cross_method: held-out families
+    synthetic_prerender: bool = True  # render the synthetic frames once, in 2 processes, and keep them in memory
+    frames_per_video: int = 4      # training frames per video (paper: 8)
+    test_frames_per_video: int = 4  # test frames per video (paper: 8-32)
     frame_sampling: str = "even"   # "even" over the video, or "first" (DeepfakeBench, the paper's runs)
     augment: str = "auto"          # "true", "false", or "auto": on for real data, off for the synthetic benchmark
     # Optimisation: Adam (paper).
-    epochs: int = 1                # paper: 20
+    epochs: int = 4                # paper: 20
     max_iters: int = 0             # stop after this many steps (0: run all epochs)
     batch_size: int = 16           # effective batch per optimizer step, over all processes (paper: 64)
     micro_batch_size: int = 0      # per process and forward pass; 0: batch_size / processes (no accumulation)
@@ -72,7 +79,7 @@ class Settings:
     beta2: float = 0.999
     # Machine.
     seed: int = 1024               # paper
-    dtype: str = "auto"            # "auto" (bf16 on a GPU that has it, else fp32), "bf16" or "fp32"
+    dtype: str = "auto"            # "auto" (bf16 where the GPU or CPU computes in it natively, else fp32), "bf16", "fp32"
     device: str = "auto"           # "auto", "cpu", "cuda"
     num_workers: int = 1           # data-loading processes
     log_interval: int = 10         # steps
@@ -81,7 +88,8 @@ class Settings:
 
 # The released recipe (the paper's runs): 4 processes × 16 = 64 per step, fp32, 20 epochs, the
 # first 8 frames of each video, lr 1e-4.
-PAPER_SETTINGS = dict(lr=1e-4, batch_size=64, micro_batch_size=16, epochs=20, dtype="fp32", frame_sampling="first")
+PAPER_SETTINGS = dict(lr=1e-4, batch_size=64, micro_batch_size=16, epochs=20, dtype="fp32", frame_sampling="first",
+                      frames_per_video=8, test_frames_per_video=8, init_from="ViT-L-14.pt")
 
 
 def settings(given, model_given):
@@ -97,7 +105,7 @@ def settings(given, model_given):
 def check(cfg):
     choices = dict(ablation=ABLATIONS, method=("dfdhr", *peft.METHODS), augment=("auto", "true", "false"),
                    dtype=("auto", "bf16", "fp32"), device=("auto", "cpu", "cuda"), select=("val", "test"),
-                   frame_sampling=("even", "first"))
+                   frame_sampling=("even", "first"), synthetic_protocol=synthetic.PROTOCOLS)
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise SystemExit(f"--{key}={getattr(cfg, key)}: choose one of {', '.join(allowed)}")
@@ -148,33 +156,29 @@ def datasets(cfg, image_size):
                                                      data_root=cfg.data_root or None, augment=augment, **kw)
         return path.name, data.FrameFolder(path, augment=augment, **kw)
 
-    out = {}
-    if cfg.train_data == "synthetic":
-        bench = synthetic.synthetic_splits(image_size=image_size, seed=cfg.seed, augment=aug,
-                                           train_videos=cfg.synthetic_train_videos,
+    bench = {}
+    if "synthetic" in (cfg.train_data, *cfg.test_data.split(",")):
+        bench = synthetic.synthetic_splits(protocol=cfg.synthetic_protocol, strength=cfg.synthetic_strength,
+                                           image_size=image_size, seed=cfg.seed, augment=aug,
+                                           train_videos=cfg.synthetic_train_videos if cfg.train_data == "synthetic" else 0,
                                            test_videos=cfg.synthetic_test_videos,
                                            frames_per_video=cfg.frames_per_video,
                                            test_frames_per_video=cfg.test_frames_per_video,
                                            train_methods=cfg.synthetic_train_methods.split(","),
                                            test_methods=cfg.synthetic_test_methods.split(","))
-        out["train"] = bench.pop("train")
+    out = {}
+    if cfg.train_data == "synthetic":
+        out["train"] = bench["train"]
         if cfg.val_data != "none":
-            out["val"] = bench.pop("val")
+            out["val"] = bench["val"]
     else:
         out["train"] = load(cfg.train_data, cfg.train_split, aug, **frames)[1]
         if cfg.val_data == "holdout":
             out["train"], out["val"] = data.hold_out_videos(out["train"], cfg.val_fraction, seed=cfg.seed)
         elif cfg.val_data != "none":
             out["val"] = load(cfg.val_data, "val", None, **test_frames)[1]
-        bench = None
     for spec in cfg.test_data.split(","):
         if spec == "synthetic":
-            bench = bench or synthetic.synthetic_splits(image_size=image_size, seed=cfg.seed, train_videos=0,
-                                                        test_videos=cfg.synthetic_test_videos,
-                                                        frames_per_video=cfg.frames_per_video,
-                                                        test_frames_per_video=cfg.test_frames_per_video,
-                                                        train_methods=cfg.synthetic_train_methods.split(","),
-                                                        test_methods=cfg.synthetic_test_methods.split(","))
             out.update({k: v for k, v in bench.items() if k not in ("train", "val")})
         else:
             name, ds = load(spec, cfg.test_split, None, **test_frames)
@@ -186,13 +190,18 @@ def batches(dataset, cfg, *, step, rank, world):
     """(epoch, this process's share of a global batch) for every step from `step` on, endlessly.
 
     Each epoch is a fresh shuffle seeded by (seed, epoch) and sets the data set's epoch (its
-    augmentation draws); a resumed run skips exactly the batches it had done."""
+    augmentation draws); a resumed run skips exactly the batches it had done. A data set with a
+    `group_size` (a real frame and its self-blend) is shuffled in groups that stay together."""
     per_epoch = len(dataset) // cfg.batch_size
+    group = getattr(dataset, "group_size", 1)
     while True:
         epoch, done = divmod(step, per_epoch)
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+        groups = torch.randperm(len(dataset) // group, generator=torch.Generator().manual_seed(cfg.seed + epoch))
+        order = (groups[:, None] * group + torch.arange(group)).flatten().tolist()
         dataset.set_epoch(epoch)
-        shares = [order[i * cfg.batch_size:(i + 1) * cfg.batch_size][rank::world] for i in range(done, per_epoch)]
+        local = cfg.batch_size // world  # this process's contiguous share: pairs stay together
+        shares = [order[i * cfg.batch_size + rank * local:i * cfg.batch_size + (rank + 1) * local]
+                  for i in range(done, per_epoch)]
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=shares, num_workers=cfg.num_workers,
                                              collate_fn=data.collate, generator=torch.Generator())
         for b in loader:
@@ -323,6 +332,14 @@ def resume(path, cfg_given, model_given):
 
 # ------------------------------------------------------------------------------ training
 
+def native_bf16(dev):
+    """Whether the device computes in bf16 natively (a recent GPU; a CPU with AVX512-BF16 or AMX):
+    there bf16 autocast is faster than fp32."""
+    if dev.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+
+
 def main(argv):
     cfg_given, model_given = cli.parse(argv, Settings, DFDHRConfig)
     cfg, config = settings(cfg_given, model_given)
@@ -334,7 +351,7 @@ def main(argv):
     else:
         rank, world = 0, 1
     dev = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
-    bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and use_cuda and torch.cuda.is_bf16_supported())
+    bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and native_bf16(dev))
     autocast = lambda: torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
 
     out = Path(cfg.out_dir)
@@ -363,6 +380,10 @@ def main(argv):
     except (FileNotFoundError, ValueError) as e:  # a missing root, an empty folder, a JSON pointing nowhere
         raise SystemExit(f"data: {e}") from None
     train_set, val_set = sets.pop("train"), sets.pop("val", None)
+    if cfg.synthetic_prerender:
+        t = time.time()
+        if synthetic.prerender([train_set, val_set, *sets.values()]) and rank == 0:
+            print(f"rendered the synthetic frames in {time.time() - t:.0f} s", flush=True)
     per_epoch = len(train_set) // cfg.batch_size
     if per_epoch == 0:
         raise SystemExit(f"training set has {len(train_set)} frames, fewer than one batch of {cfg.batch_size}")

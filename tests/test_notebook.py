@@ -73,7 +73,7 @@ def test_token_overlays_show_exited_layers():
     model = force_exit(DFDHR(cfg), cfg.first_routed_layer)  # every sample's pass ends at the first routed layer
     ds = synthetic.SyntheticForgeries(methods=["faceswap"], num_videos=2, frames_per_video=1,
                                       image_size=cfg.image_size, seed=0)
-    axes = figures.token_overlays(model, ds, n=2).axes
+    axes = figures.token_overlays(figures.overlay_data(model, ds, n=2), ds).axes
     assert len(axes) == 2 * (1 + cfg.layers - cfg.first_routed_layer)
     titles = [ax.get_title() for ax in axes]
     assert titles[0].startswith("real") and titles[5].startswith("fake (faceswap)")
@@ -97,7 +97,7 @@ def test_write_run_figures_from_evaluate(tmp_path, routing):
                dict(step=2, epoch=1, **{"mixed/video_auc": 0.6, "only fake/video_auc": None})]
     paths = figures.write_run_figures(tmp_path, metrics, history, model, sets)
     names = ["exit_layers_mixed.png", "exit_layers_only_fake.png", "roc.png", "training_curves.png",
-             "token_overlays.png", "gate_weights.md"]
+             "token_overlays.png", "gate_weights.md", "overlays.json"]
     if routing == "full":
         names += ["gate_weights_mixed.png", "gate_weights_only_fake.png"]
     assert sorted(p.name for p in paths) == sorted(names)

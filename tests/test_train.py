@@ -1,4 +1,5 @@
 """train.py: metrics against hand computations, options, a short run that learns, exact resume."""
+import itertools
 import json
 import os
 import subprocess
@@ -17,8 +18,9 @@ import train
 from dfdhr import DFDHRConfig
 from train import compute_metrics
 
-# A tiny run: 4-layer width-64 backbone on 32 px views, a few synthetic videos.
-TINY = ["--width=64", "--heads=2", "--layers=4", "--first_routed_layer=2", "--embed_dim=64", "--adapter_rank=8",
+# A tiny run: a 4-layer width-64 backbone from scratch on 32 px views, a few synthetic videos of the
+# cross-method protocol (its test sets are "in_domain" and "cross_method").
+TINY = ["--init_from=scratch", "--synthetic_protocol=cross_method", "--width=64", "--heads=2", "--layers=4", "--first_routed_layer=2", "--embed_dim=64", "--adapter_rank=8",
         "--judge_hidden=8", "--view_size=32", "--image_size=64", "--synthetic_train_videos=8",
         "--synthetic_test_videos=4", "--frames_per_video=2", "--batch_size=4", "--eval_batch_size=8",
         "--num_workers=0", "--log_interval=1000", "--dtype=fp32"]
@@ -70,6 +72,37 @@ def test_paper_preset_takes_the_released_recipe_unless_overridden():
     assert config.width == 1024 and config.freeze_backbone
     cfg, _ = train.settings({"preset": "paper", "lr": 3e-4, "dtype": "bf16"}, {})
     assert (cfg.lr, cfg.dtype, cfg.batch_size) == (3e-4, "bf16", 64)
+
+
+def test_default_protocol_scores_each_family_against_the_same_reals(tmp_path):
+    """The SBI protocol of the default run: trained on pairs, one test set per family."""
+    args = [a for a in TINY if not a.startswith("--synthetic_protocol")]
+    train.main(args + ["--max_iters=2", "--synthetic_test_videos=3", "--test_frames_per_video=1",
+                       f"--out_dir={tmp_path}"])
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert list(metrics) == ["selfblend", "faceswap", "partial", "upsample"]
+    for family, m in metrics.items():
+        assert m["videos"] == 6 and m["frames"] == 6
+        assert set(m["scores"]["method"]) == {"real", family}
+        reals = [p for p, y in zip(m["scores"]["prob"], m["scores"]["label"]) if y == 0]
+        assert reals == [p for p, y in zip(metrics["selfblend"]["scores"]["prob"],
+                                           metrics["selfblend"]["scores"]["label"]) if y == 0]
+
+
+def test_pairs_stay_in_one_batch_and_in_one_process(tmp_path):
+    """A data set with group_size 2 (a frame and its self-blend) is shuffled in pairs, and each
+    DDP process gets whole pairs; the concatenated shares are the whole batch."""
+    import synthetic
+    pairs = synthetic.SelfBlendPairs(num_videos=6, frames_per_video=2, image_size=32, seed=0)
+    cfg = train.Settings(batch_size=8, num_workers=0, seed=3)
+    one = [b for _, b in itertools.islice(train.batches(pairs, cfg, step=0, rank=0, world=1), 3)]
+    two = [[b for _, b in itertools.islice(train.batches(pairs, cfg, step=0, rank=r, world=2), 3)] for r in (0, 1)]
+    for k, b in enumerate(one):
+        sources = [int(s.rsplit("/", 1)[1]) for s in b["source"]]
+        assert all(sources[i] // 2 == sources[i + 1] // 2 and sources[i] % 2 == 0 for i in range(0, 8, 2))
+        assert two[0][k]["source"] + two[1][k]["source"] == b["source"]
+    seen = [s for b in one for s in b["source"]]
+    assert len(set(seen)) == 24  # one epoch of 3 batches: every sample once
 
 
 def test_short_run_learns(tmp_path):

@@ -1,4 +1,6 @@
 """vit.py: an OpenAI block, every checkpoint format, bad files (parity with Hugging Face: test_dfdhr.py)."""
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -91,6 +93,7 @@ def test_openai_formats_round_trip(tmp_path):
     torch.save(full.state_dict(), tmp_path / "full.pt")  # full CLIP, `visual.` prefix
     torch.save(model.state_dict(), tmp_path / "visual.pt")  # image encoder only, no prefix
     for path in ("ViT-tiny.pt", "full.pt", "visual.pt"):
+        (tmp_path / path).with_suffix(".json").write_text('{"heads": 2}')  # TINY breaks OpenAI's rule
         with torch.no_grad():
             got = load_clip(tmp_path / path, heads=2)(x)
         assert torch.equal(got, want), path
@@ -160,5 +163,25 @@ def test_bad_checkpoints_get_clear_errors(tmp_path):
 def test_an_asked_head_count_that_contradicts_config_json_is_refused(tmp_path, hf_clip):
     hf_clip(width=64, layers=2, heads=2, patch=8, image=32, proj=48).save_pretrained(tmp_path)
     assert load_clip(tmp_path).heads == load_clip(tmp_path, heads=2).heads == 2
-    with pytest.raises(CheckpointError, match=r"config\.json says 2 attention heads, 4 were asked for"):
+    with pytest.raises(CheckpointError, match=r"trained with 2 attention heads \(.*config\.json says so\); 4 were"):
         load_clip(tmp_path, heads=4)
+
+
+def test_a_file_loads_with_the_head_count_it_was_trained_with_and_no_other(tmp_path):
+    """Without a record, a file follows OpenAI's rule; a .json beside it (pretrain.py's) overrides
+    the rule; an asked count that contradicts either is refused, since it would load silently."""
+    x = images()
+    for width, heads in ((128, 2), (128, 4), (64, 2)):
+        model = tiny_model(width=width, heads=heads)
+        path = tmp_path / f"w{width}h{heads}.pt"
+        torch.save(model.state_dict(), path)
+        if heads != width // 64:
+            with pytest.raises(CheckpointError, match=rf"trained with {width // 64} attention heads \(OpenAI's rule"):
+                load_clip(path, heads=heads)
+            path.with_suffix(".json").write_text(json.dumps({"heads": heads}))
+        loaded = load_clip(path)
+        assert loaded.heads == heads == load_clip(path, heads=heads).heads
+        with torch.no_grad():
+            assert torch.equal(loaded(x), model(x))
+        with pytest.raises(CheckpointError, match=rf"trained with {heads} attention heads .*; {heads + 1} were asked"):
+            load_clip(path, heads=heads + 1)

@@ -13,6 +13,8 @@ of machine; absolute times are printed with the machine they were taken on.
      without any router (fusion_only): the wall-time saving against what estimate_flops predicts.
   4. Training: forward + backward + Adam step time and peak resident memory, each
      configuration in a fresh process.
+  5. Multiply-adds per image: estimate_flops (the supplementary's formula plus the experts)
+     against torch's FlopCounterMode on the model's own forward, for each exit layer.
 
     python bench.py            # the full run (about 8 minutes on 2 cores)
     python bench.py --quick    # tiny shapes, under a minute; the test runs this
@@ -302,6 +304,25 @@ def report_backbone(results, shapes, repeats, matmul_n, profiled):
 
 
 
+def count_flops(preset):
+    """Multiply-adds of one image (every view) by estimate_flops and by torch's FlopCounterMode on
+    the model's own forward, for each exit layer T."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    cfg = make_config(preset)
+    views = 1 + 4 * cfg.multi_scale
+    model, x = DFDHR(cfg).eval(), torch.randn(1, 3, cfg.image_size, cfg.image_size)
+    rows = []
+    for T in range(cfg.first_routed_layer, cfg.layers + 1):
+        force_exit(model, T)
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            model(x)
+        formula, counted = views * estimate_flops(cfg, T), counter.get_total_flops() // 2
+        rows.append(dict(exit_layer=T, formula_gmac=formula / 1e9, counted_gmac=counted / 1e9,
+                         counted_over_formula=counted / formula))
+    return rows
+
+
 def report_routing(results, preset, batch, repeats):
     results["routing"], results["routing_detail"] = bench_routing(preset, batch=batch, repeats=repeats)
     d = results["routing_detail"]
@@ -315,7 +336,7 @@ def report_routing(results, preset, batch, repeats):
 class Options:
     quick: bool = False          # tiny shapes, under a minute
     json: str = ""               # also write the results to this file
-    only: str = ""               # one part: backbone (1 and 2), routing (3) or training (4)
+    only: str = ""               # one part: backbone (1 and 2), routing (3), training (4) or flops (5)
     routing_repeats: int = 2     # timed passes of each routing variant
     train_step: str = ""         # internal: "PRESET,BATCH,STEPS", one training measurement in this process
 
@@ -350,6 +371,11 @@ def main(argv=()):
         print("\n## 4. Training step (fp32, forward + backward + Adam), each in a fresh process\n")
         print(table(results["training"], ["preset", "batch", "step_s", "rss_model_mib", "rss_peak_mib",
                                           "rss_step_mib", "trainable_params", "frozen_backbone", "error"]))
+    if args.only in ("", "flops"):
+        preset = "small" if args.quick else "paper"
+        results["flops"] = count_flops(preset)
+        print(f"\n## 5. Multiply-adds per image ({preset} preset, every view): the formula and torch's counter\n")
+        print(table(results["flops"], ["exit_layer", "formula_gmac", "counted_gmac", "counted_over_formula"]))
     results["total_s"] = time.perf_counter() - start
     print(f"\ntotal {results['total_s']:.0f} s")
     if args.json:

@@ -35,7 +35,7 @@ from vit import CheckpointError, load_clip
 
 
 # The small preset's pretrained backbone, made by pretrain.py (README: "The pretrained small backbone").
-SMALL_CLIP = str(Path(__file__).resolve().with_name("weights") / "small_clip.pt")
+SMALL_CLIP = "weights/small_clip.pt"  # relative to the repository root, where the README's commands run
 
 
 @dataclass(frozen=True)
@@ -343,6 +343,12 @@ def native_bf16(dev):
 def main(argv):
     cfg_given, model_given = cli.parse(argv, Settings, DFDHRConfig)
     cfg, config = settings(cfg_given, model_given)
+    out = Path(cfg.out_dir)
+    ckpt = None
+    if cfg.init_from == "resume":  # the run's own settings, before anything is derived from them
+        ckpt = resume(out / "last.pt", cfg_given, model_given)
+        cfg = replace(Settings(**ckpt["config"]), **{k: v for k, v in cfg_given.items() if k != "init_from"})
+        config = DFDHRConfig(**ckpt["model_config"])
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     if ddp:
@@ -354,13 +360,8 @@ def main(argv):
     bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and native_bf16(dev))
     autocast = lambda: torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
 
-    out = Path(cfg.out_dir)
     torch.manual_seed(cfg.seed)
-    ckpt = None
-    if cfg.init_from == "resume":
-        ckpt = resume(out / "last.pt", cfg_given, model_given)
-        cfg = replace(Settings(**ckpt["config"]), **{k: v for k, v in cfg_given.items() if k != "init_from"})
-        config = DFDHRConfig(**ckpt["model_config"])
+    if ckpt is not None:
         model = build_model(cfg, config)
     else:
         try:
@@ -416,7 +417,7 @@ def main(argv):
         kw = dict(batch=cfg.eval_batch_size, autocast=autocast, workers=cfg.num_workers)
         metrics = {name: evaluate(model, ds, **kw) for name, ds in sets.items()}
         val = evaluate(model, val_set, **kw)["video_auc"] if val_set is not None else None
-        history.append(dict(step=step, epoch=epoch, val_video_auc=val,
+        history.append(dict(step=step, epoch=epoch, seconds=round(time.time() - t0), val_video_auc=val,
                             **{f"{n}/video_auc": m["video_auc"] for n, m in metrics.items()}))
         print_table(metrics)
         if val is not None:

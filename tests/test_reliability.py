@@ -34,7 +34,8 @@ def frame_folder(root, videos=2, frames=3):
 
 
 def run_on_folder(root, out):
-    train.main(TINY + ["--max_iters=2", f"--train_data={root}", f"--test_data={root}", f"--out_dir={out}"])
+    train.main(TINY + ["--max_iters=2", "--test_frames_per_video=8", "--val_data=none", f"--train_data={root}",
+                       f"--test_data={root}", f"--out_dir={out}"])
     return json.loads((out / "metrics.json").read_text())[root.name]
 
 

@@ -235,18 +235,16 @@ def compute_metrics(probs, labels, videos):
 
 
 @torch.no_grad()
-def evaluate(model, dataset, *, batch, autocast, workers):
-    """Metrics of one test set, and what the routers did on the original image: exit layers (supp.
-    Fig. A), expert gate weights at layer K+1 as supp. Tab. D reports them (and over all layers), FLOPs."""
+def predict_rows(model, dataset, *, batch, autocast, workers):
+    """The model's outputs on every frame of a data set, as lists (one entry per frame)."""
     model.eval()
     cfg = model.config
-    rows = dict(prob=[], label=[], video=[], method=[], exit=[], gates=[], gates_all=[], flops=[])
+    rows = dict(prob=[], label=[], video=[], method=[], exit=[], gates=[], gates_all=[], flops=[], skipped=[])
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers, collate_fn=data.collate,
                                          generator=torch.Generator())  # leaves the global RNG alone
     dev = next(model.parameters()).device
-    skipped = []
     for b in loader:
-        skipped += b["skipped"]
+        rows["skipped"] += b["skipped"]
         if "image" not in b:
             continue
         with autocast():
@@ -257,13 +255,21 @@ def evaluate(model, dataset, *, batch, autocast, workers):
         rows["method"] += b["method"]
         rows["exit"] += out.exit_layer[:, 0].cpu().tolist()
         gates = out.gates[:, 0].float().cpu()  # (B, L, 2, E)
-        rows["gates"].append(gates[:, cfg.first_routed_layer].nanmean(1))  # (B, E), supp. Tab. D's layer
-        rows["gates_all"].append(gates.nanmean((1, 2)))  # (B, E) over the layers each image ran
+        rows["gates"] += list(gates[:, cfg.first_routed_layer].nanmean(1))  # (E,) each, supp. Tab. D's layer
+        rows["gates_all"] += list(gates.nanmean((1, 2)))  # (E,) each, over the layers each image ran
         rows["flops"] += out.flops.cpu().tolist()
+    return rows
+
+
+def summarise(rows, cfg):
+    """Metrics of one test set from its rows, and what the routers did on the original image: exit
+    layers (supp. Fig. A), expert gate weights at layer K+1 as supp. Tab. D reports them (and over
+    all layers), FLOPs."""
     if not rows["prob"]:
-        raise SystemExit(f"no readable frame in the test set ({len(skipped)} skipped, e.g. {skipped[:1]})")
+        raise SystemExit(f"no readable frame in the test set ({len(rows['skipped'])} skipped, e.g. "
+                         f"{rows['skipped'][:1]})")
     metrics = compute_metrics(rows["prob"], rows["label"], rows["video"])
-    metrics["skipped"] = skipped
+    metrics["skipped"] = rows["skipped"]
     labels, methods, exits = np.array(rows["label"]), np.array(rows["method"]), np.array(rows["exit"])
     layers = list(range(cfg.first_routed_layer, cfg.layers + 1))
     metrics["exit_layers"] = {"layers": layers, **{name: [int(np.sum(exits[labels == y] == t)) for t in layers]
@@ -272,7 +278,7 @@ def evaluate(model, dataset, *, batch, autocast, workers):
         groups = {"real": labels == 0, "fake": labels == 1,
                   **{f"fake/{m}": methods == m for m in sorted(set(methods[labels == 1].tolist()))}}
         for key in ("gates", "gates_all"):
-            g = torch.cat(rows[key]).numpy()
+            g = torch.stack(rows[key]).numpy()
             name = "gate_weights" if key == "gates" else "gate_weights_all_layers"
             metrics[name] = {k: np.nanmean(g[mask], 0).round(4).tolist() for k, mask in groups.items()
                              if mask.any() and not np.isnan(g[mask]).all()}
@@ -280,6 +286,30 @@ def evaluate(model, dataset, *, batch, autocast, workers):
     metrics["gflops_per_image"] = float(np.mean(rows["flops"])) / 1e9
     metrics["scores"] = dict(prob=rows["prob"], label=rows["label"], method=rows["method"])
     return metrics
+
+
+def evaluate(model, dataset, **kw):
+    """Metrics of one test set (summarise)."""
+    return summarise(predict_rows(model, dataset, **kw), model.config)
+
+
+def evaluate_sets(model, sets, **kw):
+    """{name: metrics} of several test sets; test sets that are views of one shared set (the
+    synthetic families against the same real videos) are run once."""
+    shared = {}
+    for ds in sets.values():
+        if isinstance(ds, synthetic.FamilyTestSet):
+            shared.setdefault(id(ds.dataset), ds.dataset)
+    rows = {key: predict_rows(model, ds, **kw) for key, ds in shared.items()}
+    out = {}
+    for name, ds in sets.items():
+        every = rows.get(id(getattr(ds, "dataset", None)))
+        if every is not None and not every["skipped"]:  # rows align with the shared set's frames
+            out[name] = summarise({k: v if k == "skipped" else [v[i] for i in ds.indices] for k, v in every.items()},
+                                  model.config)
+        else:
+            out[name] = evaluate(model, ds, **kw)
+    return out
 
 
 def print_table(metrics):
@@ -415,7 +445,7 @@ def main(argv):
     def evaluate_all(epoch):
         """Every set at an epoch end; best.pt follows the validation set, or the first test set."""
         kw = dict(batch=cfg.eval_batch_size, autocast=autocast, workers=cfg.num_workers)
-        metrics = {name: evaluate(model, ds, **kw) for name, ds in sets.items()}
+        metrics = evaluate_sets(model, sets, **kw)
         val = evaluate(model, val_set, **kw)["video_auc"] if val_set is not None else None
         history.append(dict(step=step, epoch=epoch, seconds=round(time.time() - t0), val_video_auc=val,
                             **{f"{n}/video_auc": m["video_auc"] for n, m in metrics.items()}))

@@ -89,6 +89,24 @@ def test_default_protocol_scores_each_family_against_the_same_reals(tmp_path):
                                            metrics["selfblend"]["scores"]["label"]) if y == 0]
 
 
+def test_family_test_sets_evaluated_together_score_as_each_alone():
+    import contextlib
+    import synthetic
+    from dfdhr import DFDHR, make_config
+    torch.manual_seed(0)
+    model = DFDHR(make_config("small", width=64, heads=1, layers=4, first_routed_layer=2, embed_dim=64,
+                              adapter_rank=8, judge_hidden=8, view_size=32, image_size=64))
+    sets = synthetic.synthetic_splits(image_size=64, seed=0, train_videos=0, test_videos=3, frames_per_video=1)
+    sets = {k: v for k, v in sets.items() if k not in ("train", "val")}
+    kw = dict(batch=5, autocast=contextlib.nullcontext, workers=0)
+    together = train.evaluate_sets(model, sets, **kw)
+    for name, ds in sets.items():
+        alone = train.evaluate(model, ds, **kw)
+        assert together[name]["scores"] == alone["scores"] and together[name]["exit_layers"] == alone["exit_layers"]
+        assert together[name]["video_auc"] == alone["video_auc"]
+        np.testing.assert_allclose(together[name]["gate_weights"]["fake"], alone["gate_weights"]["fake"])
+
+
 def test_pairs_stay_in_one_batch_and_in_one_process(tmp_path):
     """A data set with group_size 2 (a frame and its self-blend) is shuffled in pairs, and each
     DDP process gets whole pairs; the concatenated shares are the whole batch."""

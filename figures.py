@@ -25,6 +25,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import auc, roc_curve
 
+import synthetic
+from data import to_input
 from dfdhr import global_view
 from vit import CLIP_MEAN, CLIP_STD
 
@@ -194,6 +196,22 @@ def _pick(dataset, n):  # n sample indices, half real and half fake (as far as e
             for i in pool[np.linspace(0, len(pool) - 1, count).round().astype(int)].tolist()]
 
 
+def forged_region(dataset, indices, items, size):
+    """Per face, where its forgery changed the global view ((size, size) bool), for the synthetic
+    benchmark, which can draw a frame unforged; None for real faces and for other data."""
+    out = []
+    for i, it in zip(indices, items):
+        if it["label"] == 0 or not isinstance(dataset, (synthetic.SyntheticForgeries, synthetic.FamilyTestSet)):
+            out.append(None)
+            continue
+        pristine = to_input(dataset.image(i, forged=False), it["image"].shape[-1])
+        views = global_view(torch.stack([it["image"], pristine]).float(), size)  # (2, 3, size, size)
+        # in CLIP-normalised units; a self-blend onto an altered target changes all but the blended
+        # region: either way the outline is the blending seam
+        out.append(((views[0] - views[1]).abs().mean(0) > 0.15).numpy())
+    return out
+
+
 @torch.no_grad()
 def overlay_data(model, dataset, n=4):
     """What token_overlays draws, as plain data (train.py stores it as overlays.json): for n test
@@ -212,9 +230,10 @@ def token_overlays(overlays, dataset):
     """supp. Fig. B style, from overlay_data(model, dataset): each test face's global view with its
     true class, fake probability and exit layer, then the tokens each routed layer kept (dropped
     patches darkened; "exited" where the sample had left)."""
-    faces, L, K = overlays["faces"], overlays["layers"], overlays["first_routed_layer"]
+    faces, L, K, size = overlays["faces"], overlays["layers"], overlays["first_routed_layer"], overlays["view_size"]
     items = [dataset[f["index"]] for f in faces]
-    view = global_view(torch.stack([it["image"] for it in items]).float(), overlays["view_size"])
+    view = global_view(torch.stack([it["image"] for it in items]).float(), size)
+    changed = forged_region(dataset, [f["index"] for f in faces], items, size)
     grid, R = overlays["view_size"] // overlays["patch_size"], max((len(f["kept"]) for f in faces), default=0)
     fig = _figure(max(2.3 * (1 + R), 4.5), 2.5 * len(items))
     axes = np.array(fig.subplots(len(items), 1 + R, squeeze=False))
@@ -222,12 +241,15 @@ def token_overlays(overlays, dataset):
         img, T = to_display(view[row]), face["exit"]
         truth = "real" if it["label"] == 0 else f"fake ({it['method']})"
         axes[row, 0].imshow(img)
+        if changed[row] is not None and changed[row].any():
+            for ax in axes[row]:
+                ax.contour(changed[row], levels=[0.5], colors=FAKE, linewidths=0.8)
         axes[row, 0].set_title(f"{truth}\np(fake) = {face['prob']:.2f}, exit at layer {T}"
                                + (" (ran all)" if T == L else ""), fontsize=9,
                                color=REAL if it["label"] == 0 else FAKE)
         for r, idx in enumerate(face["kept"]):
             ax, layer, idx = axes[row, 1 + r], K + r, np.asarray(idx)
-            ax.imshow(img)
+            ax.imshow(img, zorder=0)
             if (idx < 0).all():
                 ax.imshow(np.zeros((*img.shape[:2], 4)) + [0, 0, 0, 0.75])
                 ax.set_title(f"layer {layer}: exited", fontsize=9)
@@ -240,7 +262,8 @@ def token_overlays(overlays, dataset):
                          f"CLS {'kept' if cls else 'dropped'}", fontsize=9)
     for ax in axes.flat:
         ax.set(xticks=[], yticks=[])
-    fig.suptitle("Global view: kept tokens of the routed layers, dropped patches darkened" if R else
+    fig.suptitle("Global view: kept tokens of the routed layers, dropped patches darkened"
+                 + ("; red: the outline of what the forgery changed" if any(c is not None for c in changed) else "") if R else
                  "Global view (token selection is off:\nevery token runs in every layer)", fontsize=10)
     return fig
 

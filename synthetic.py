@@ -525,12 +525,14 @@ class SyntheticForgeries(FrameDataset):
 
     _cache = None  # (N, S, S, C) uint8 once prerender() ran
 
-    def image(self, index: int) -> Image.Image:
-        """Frame `index` as the camera delivers it: before augmentation and resizing."""
-        if self._cache is not None:
+    def image(self, index: int, forged: bool = True) -> Image.Image:
+        """Frame `index` as the camera delivers it: before augmentation and resizing. With
+        forged=False, the same frame as it was before the forgery (figures outline the region
+        a forgery changed)."""
+        if self._cache is not None and forged:
             return Image.fromarray(self._cache[index])
         video, f = divmod(int(index), self.frames_per_video)
-        method, size = self.samples[index].method, self.image_size
+        method, size = self.samples[index].method if forged else "real", self.image_size
         ident = random_identity(np.random.default_rng((self.seed, _IDENTITY, video)))
         scene = random_scene(np.random.default_rng((self.seed, _SCENE, video)))
         frame_rng = np.random.default_rng((self.seed, _FRAME, video, f))
@@ -595,8 +597,8 @@ class FamilyTestSet(torch.utils.data.Subset):
     def samples(self):
         return [self.dataset.samples[i] for i in self.indices]
 
-    def image(self, index: int) -> Image.Image:
-        return self.dataset.image(self.indices[index])
+    def image(self, index: int, forged: bool = True) -> Image.Image:
+        return self.dataset.image(self.indices[index], forged)
 
 
 def family_test_sets(shared: "SyntheticForgeries") -> dict:

@@ -236,3 +236,14 @@ def test_synthetic_rejects_unknown_methods():
         _synthetic(methods=["faceswap", "nosuchmethod"])
 
 
+
+
+def test_a_frame_drawn_unforged_is_the_real_frame_under_the_forgery():
+    ds = synthetic.SyntheticForgeries(methods=["faceswap"], num_videos=4, frames_per_video=2, image_size=SIZE, seed=4)
+    for i, s in enumerate(ds.samples):
+        forged, pristine = (np.asarray(ds.image(i, forged=f), dtype=np.float32) for f in (True, False))
+        if s.label == 0:
+            np.testing.assert_array_equal(forged, pristine)
+        else:  # the camera (noise, JPEG) is the same draw: only the swapped region and its JPEG blocks differ
+            changed = np.abs(forged - pristine).max(-1) > 12
+            assert 0.02 < changed.mean() < 0.6

@@ -49,14 +49,15 @@ def gumbel_sigmoid(logits, *, tau=1.0, training=True, draw="logistic"):
 class LayerJudge(nn.Module):
     """Layer judge: Linear(D, 64, no bias) → ReLU → Linear(64, 1, no bias) on CLS (released code)."""
 
-    def __init__(self, *, dim, hidden=64):
+    def __init__(self, *, dim, hidden=64, init_gain=1.0):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden, bias=False)
         self.fc2 = nn.Linear(hidden, 1, bias=False)
         # Non-negative output weights on ReLU features: logit ≥ 0, so every sample starts by running
-        # every layer, rather than half of the network being cut off by a random sign.
+        # every layer, rather than half of the network being cut off by a random sign. In training
+        # the gate fires with σ(logit) only; `init_gain` scales the logits so that it starts near 1.
         with torch.no_grad():
-            self.fc2.weight.abs_()
+            self.fc2.weight.abs_().mul_(init_gain)
 
     def forward(self, cls):  # (B, D) -> (B,) logits
         return self.fc2(F.relu(self.fc1(cls))).squeeze(-1)

@@ -24,6 +24,16 @@ def test_layer_judge_trains_through_routed_update():
     assert all(prm.grad is not None and prm.grad.abs().sum() > 0 for prm in judge.parameters())
 
 
+def test_layer_judge_starts_non_negative_and_init_gain_scales_its_logits():
+    cls = torch.randn(64, 16)
+    torch.manual_seed(0)
+    plain = LayerJudge(dim=16)(cls)
+    torch.manual_seed(0)
+    scaled = LayerJudge(dim=16, init_gain=4.0)(cls)
+    assert (plain >= 0).all() and plain.max() > 0
+    torch.testing.assert_close(scaled, 4 * plain)
+
+
 def test_routed_update_rows_are_bit_identical_for_hard_gates():
     torch.manual_seed(0)
     h_in = torch.randn(64, 5, 16) * torch.logspace(-20, 20, 16)  # magnitudes that round badly

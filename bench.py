@@ -318,8 +318,8 @@ def count_flops(preset):
         with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
             model(x)
         formula, counted = views * estimate_flops(cfg, T), counter.get_total_flops() // 2
-        rows.append(dict(exit_layer=T, formula_gmac=formula / 1e9, counted_gmac=counted / 1e9,
-                         counted_over_formula=counted / formula))
+        rows.append(dict(exit_layer=T, formula_gmac=f"{formula / 1e9:.2f}", counted_gmac=f"{counted / 1e9:.2f}",
+                         counted_over_formula=f"{counted / formula:.4f}"))
     return rows
 
 

@@ -15,6 +15,8 @@ of machine; absolute times are printed with the machine they were taken on.
      configuration in a fresh process.
   5. Multiply-adds per image: estimate_flops (the supplementary's formula plus the experts)
      against torch's FlopCounterMode on the model's own forward, for each exit layer.
+  6. Training attention at the small preset's shape: torch's fused CPU kernel against the
+     explicit matmuls vit.Attention uses in bf16 training on the CPU.
 
     python bench.py            # the full run (about 8 minutes on 2 cores)
     python bench.py --quick    # tiny shapes, under a minute; the test runs this
@@ -323,6 +325,27 @@ def count_flops(preset):
     return rows
 
 
+def bench_attention(shape=(160, 2, 65, 64), repeats=20):
+    """Training attention (forward + backward) at the small preset's shape: torch's fused kernel
+    against vit.Attention's explicit bf16 path (softmax(QKᵀ/√d)V, softmax in fp32)."""
+    def fused(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    def explicit(q, k, v):
+        a = (q @ k.transpose(-1, -2)).float() * (q.shape[-1] ** -0.5)
+        return a.softmax(-1).to(v.dtype) @ v
+    rows = []
+    for dtype in (torch.bfloat16, torch.float32):
+        q, k, v = (torch.randn(shape, dtype=dtype, requires_grad=True) for _ in range(3))
+
+        def step(f):
+            return lambda: f(q, k, v).float().sum().backward()
+        t_fused, t_explicit = timed([step(fused), step(explicit)], repeats=repeats)
+        rows.append(dict(dtype=str(dtype).split(".")[1], shape="x".join(map(str, shape)), fused_ms=1e3 * t_fused,
+                         explicit_ms=1e3 * t_explicit, fused_over_explicit=t_fused / t_explicit))
+    return rows
+
+
 def report_routing(results, preset, batch, repeats):
     results["routing"], results["routing_detail"] = bench_routing(preset, batch=batch, repeats=repeats)
     d = results["routing_detail"]
@@ -336,7 +359,7 @@ def report_routing(results, preset, batch, repeats):
 class Options:
     quick: bool = False          # tiny shapes, under a minute
     json: str = ""               # also write the results to this file
-    only: str = ""               # one part: backbone (1 and 2), routing (3), training (4) or flops (5)
+    only: str = ""               # one part: backbone (1 and 2), routing (3), training (4), flops (5), attention (6)
     routing_repeats: int = 2     # timed passes of each routing variant
     train_step: str = ""         # internal: "PRESET,BATCH,STEPS", one training measurement in this process
 
@@ -371,6 +394,10 @@ def main(argv=()):
         print("\n## 4. Training step (fp32, forward + backward + Adam), each in a fresh process\n")
         print(table(results["training"], ["preset", "batch", "step_s", "rss_model_mib", "rss_peak_mib",
                                           "rss_step_mib", "trainable_params", "frozen_backbone", "error"]))
+    if args.only in ("", "attention"):
+        results["attention"] = bench_attention(repeats=3 if args.quick else 20)
+        print("\n## 6. Training attention (forward + backward): fused kernel vs explicit matmuls\n")
+        print(table(results["attention"], ["dtype", "shape", "fused_ms", "explicit_ms", "fused_over_explicit"]))
     if args.only in ("", "flops"):
         preset = "small" if args.quick else "paper"
         results["flops"] = count_flops(preset)

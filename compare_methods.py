@@ -99,7 +99,12 @@ def main(argv):
         metrics = json.loads((run / "metrics.json").read_text()) if error is None else {}
         config = json.loads((run / "config.json").read_text())["model"] if (run / "config.json").exists() else None
         params = trainable(DFDHRConfig(**config), "dfdhr" if kind == "ablation" else name) if config else None
-        backbone = None if config is None else "frozen" if config["freeze_backbone"] else "fine-tuned"
+        if config is None:
+            backbone = None
+        elif kind == "method" and name != "baseline":
+            backbone = "PEFT"  # the method decides what of the backbone trains (peft.py)
+        else:
+            backbone = "frozen" if config["freeze_backbone"] else "fine-tuned"
         test_sets += [t for t in metrics if t not in test_sets]
         rows.append((name, backbone, params, metrics, seconds, error))
 

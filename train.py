@@ -1,6 +1,6 @@
 """Train and evaluate DFD-HR: Adam on L = L_cls + λ·L_rank, video-level AUC on each test set.
 
-    python train.py                                   # the built-in synthetic benchmark, small preset, CPU
+    python train.py                                   # small preset on weights/small_clip.pt, synthetic benchmark, CPU
     python train.py --preset=paper --init_from=ViT-L-14.pt --train_data=FFPP_ROOT --test_data=CDF_ROOT
     python train.py --init_from=resume                # continue the run in out_dir
     torchrun --nproc_per_node=4 train.py --preset=paper ...   # DistributedDataParallel

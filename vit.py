@@ -61,7 +61,7 @@ class Attention(nn.Module):
         q, k, v = qkv.view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, N, C)
         if q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled():
             # in training, torch's fused CPU kernel is ~4x slower than this in bf16 (forward and
-            # backward: 56 vs 14 ms at B·H = 320, N = 65); the softmax runs in fp32 as in the kernel
+            # backward at the small preset's shape; bench.py --only=attention); the softmax runs in fp32
             a = (q @ k.transpose(-1, -2)).float() * (q.shape[-1] ** -0.5)  # (B, H, N, N)
             y = a.softmax(-1).to(v.dtype) @ v  # (B, H, N, C)
         else:

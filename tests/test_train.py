@@ -67,8 +67,8 @@ def test_overrides_are_typed_and_checked():
 
 def test_paper_preset_takes_the_released_recipe_unless_overridden():
     cfg, config = train.settings({"preset": "paper"}, {})
-    assert (cfg.lr, cfg.batch_size, cfg.micro_batch_size, cfg.epochs, cfg.dtype, cfg.frame_sampling) == \
-        (1e-4, 64, 16, 20, "fp32", "first")
+    assert (cfg.lr, cfg.batch_size, cfg.micro_batch_size, cfg.epochs, cfg.dtype, cfg.frame_sampling,
+            cfg.frames_per_video, cfg.init_from) == (1e-4, 64, 16, 20, "fp32", "first", 8, "ViT-L-14.pt")
     assert config.width == 1024 and config.freeze_backbone
     cfg, _ = train.settings({"preset": "paper", "lr": 3e-4, "dtype": "bf16"}, {})
     assert (cfg.lr, cfg.dtype, cfg.batch_size) == (3e-4, "bf16", 64)
@@ -102,8 +102,11 @@ def test_family_test_sets_evaluated_together_score_as_each_alone():
     together = train.evaluate_sets(model, sets, **kw)
     for name, ds in sets.items():
         alone = train.evaluate(model, ds, **kw)
-        assert together[name]["scores"] == alone["scores"] and together[name]["exit_layers"] == alone["exit_layers"]
-        assert together[name]["video_auc"] == alone["video_auc"]
+        a, b = together[name]["scores"], alone["scores"]  # other batch compositions: float rounding only
+        assert a["label"] == b["label"] and a["method"] == b["method"]
+        np.testing.assert_allclose(a["prob"], b["prob"], atol=1e-6)
+        assert together[name]["exit_layers"] == alone["exit_layers"]
+        assert together[name]["video_auc"] == pytest.approx(alone["video_auc"])
         np.testing.assert_allclose(together[name]["gate_weights"]["fake"], alone["gate_weights"]["fake"])
 
 

@@ -6,8 +6,8 @@
 The paper freezes a pretrained CLIP; no CLIP weights exist for a CPU-sized ViT, so this script
 makes one the way CLIP was made, at toy scale: an image tower (vit.VisionTransformer, OpenAI's
 layout and head width 64) and a small text tower trained with CLIP's symmetric InfoNCE loss on
-(image, caption) pairs. The images are faces of synthetic.py photographed with the natural
-variation a photo collection has, and that needs local low-level sensitivity: depth of field
+(image, caption) pairs. The images are faces of faces.py, never forged, photographed with the
+natural variation a photo collection has, and that needs local low-level sensitivity: depth of field
 (a sharp face on a blurred backdrop, the reverse, a tilted focal plane), light coloured
 differently across the image, noise that varies across the image, resolution loss, JPEG. A
 caption is a bag of attribute words: who (skin, hair), pose and expression, light, backdrop,
@@ -39,7 +39,7 @@ from torch import nn
 
 import cli
 import data
-import synthetic
+import faces
 from dfdhr import global_view, split_2x2
 from vit import VisionTransformer, load_clip
 
@@ -101,13 +101,13 @@ VOCAB = vocabulary()
 def _render_one(args):
     seed, index, size = args
     rng = np.random.default_rng((seed, index))
-    ident, scene = synthetic.random_identity(rng), synthetic.random_scene(rng)
-    pose = synthetic.jitter_pose(scene.pose, rng)
-    face = synthetic.render_face(ident, scene, pose, size)
+    ident, scene = faces.random_identity(rng), faces.random_scene(rng)
+    pose = faces.jitter_pose(scene.pose, rng)
+    face = faces.render_face(ident, scene, pose, size)
     hue = np.argmax(scene.backdrop[:2].mean(0))  # dominant channel of the backdrop
     lum = scene.backdrop[:2].mean()
     words = [f"skin{min(2, int((ident.skin.mean() - .25) / .22))}",
-             f"hair{int(np.argmin(np.abs(synthetic._HAIR - ident.hair).sum(1)))}",
+             f"hair{int(np.argmin(np.abs(faces.HAIR - ident.hair).sum(1)))}",
              f"style{ident.hair_style}", f"yaw{int(np.digitize(pose.yaw, (-.15, .15)))}",
              f"roll{int(np.digitize(pose.roll, (-.07, .07)))}", f"light{int(np.digitize(scene.light[0], (-.25, .25)))}",
              f"backdrop{hue + 3 * int(lum > .5) if lum > .3 else 6 + int(lum > .15)}"]
@@ -150,8 +150,8 @@ def _blob(size, rng):
 
 def _downup(img, factor, down=Image.BILINEAR):
     size = img.shape[0]
-    small = synthetic._resize(np.clip(img, 0, 1).astype(np.float32), max(8, round(size / factor)), down)
-    return synthetic._resize(small, size, Image.BILINEAR)
+    small = faces.resize(np.clip(img, 0, 1).astype(np.float32), max(8, round(size / factor)), down)
+    return faces.resize(small, size, Image.BILINEAR)
 
 
 def photograph(base, fg, rng):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import data
+import faces
 import synthetic
 
 SIZE = 96  # small frames keep the whole file fast
@@ -14,8 +15,8 @@ SIZE = 96  # small frames keep the whole file fast
 
 def _face(seed, size=SIZE):
     rng = np.random.default_rng(seed)
-    ident, scene = synthetic.random_identity(rng), synthetic.random_scene(rng)
-    return synthetic.render_face(ident, scene, scene.pose, size), scene, rng
+    ident, scene = faces.random_identity(rng), faces.random_scene(rng)
+    return faces.render_face(ident, scene, scene.pose, size), scene, rng
 
 
 def _laplacian_energy(gray, region):  # 4-neighbour Laplacian, written out
@@ -70,7 +71,7 @@ def test_feather_scale_is_one_at_the_old_mean_and_halves_every_three_quarters():
 @pytest.mark.parametrize("seed", range(4))
 def test_faceswap_changes_colour_statistics_inside_the_mask(seed):
     face, scene, rng = _face(seed)
-    donor = synthetic.render_face(synthetic.random_identity(rng), scene, face.pose, SIZE).image
+    donor = faces.render_face(faces.random_identity(rng), scene, face.pose, SIZE).image
     fake, mask = synthetic.forge_faceswap(face, donor, np.random.default_rng(seed), strength=1.0)
     np.testing.assert_array_equal(fake[mask == 0], face.image[mask == 0])
     inside = mask > 0.9

@@ -213,8 +213,8 @@ class Routers(nn.Module):
     def __init__(self, config):
         super().__init__()
         D, R = config.width, len(config.routed_layers)
-        self.layer_judges = nn.ModuleList(LayerJudge(dim=D, hidden=config.judge_hidden, init_gain=config.judge_init_gain) for _ in range(R)) \
-            if config.layer_pruning else None
+        judge = dict(dim=D, hidden=config.judge_hidden, init_gain=config.judge_init_gain)
+        self.layer_judges = nn.ModuleList(LayerJudge(**judge) for _ in range(R)) if config.layer_pruning else None
         if config.token_selection:  # supp. Tab. C(c): one judge for every routed layer, or one each
             judges = [TokenJudge(dim=D)] * R if config.share_token_judges else [TokenJudge(dim=D) for _ in range(R)]
             self.token_judges = nn.ModuleList(judges)

@@ -234,7 +234,7 @@ def token_overlays(overlays, dataset):
     items = [dataset[f["index"]] for f in faces]
     view = global_view(torch.stack([it["image"] for it in items]).float(), size)
     changed = forged_region(dataset, [f["index"] for f in faces], items, size)
-    grid, R = overlays["view_size"] // overlays["patch_size"], max((len(f["kept"]) for f in faces), default=0)
+    grid, R = size // overlays["patch_size"], len(faces[0]["kept"]) if faces else 0
     fig = _figure(max(2.3 * (1 + R), 4.5), 2.5 * len(items))
     axes = np.array(fig.subplots(len(items), 1 + R, squeeze=False))
     for row, (it, face) in enumerate(zip(items, faces)):
@@ -262,8 +262,8 @@ def token_overlays(overlays, dataset):
                          f"CLS {'kept' if cls else 'dropped'}", fontsize=9)
     for ax in axes.flat:
         ax.set(xticks=[], yticks=[])
-    fig.suptitle("Global view: kept tokens of the routed layers, dropped patches darkened"
-                 + ("; red: the outline of what the forgery changed" if any(c is not None for c in changed) else "") if R else
+    outlined = "; red: the outline of what the forgery changed" if any(c is not None for c in changed) else ""
+    fig.suptitle("Global view: kept tokens of the routed layers, dropped patches darkened" + outlined if R else
                  "Global view (token selection is off:\nevery token runs in every layer)", fontsize=10)
     return fig
 

@@ -38,7 +38,7 @@ FAMILIES = ("selfblend", "faceswap", "partial", "upsample")
 @dataclass(frozen=True)
 class Options:
     weights: str = f"{SMALL_CLIP},random"  # comma-separated: CLIP checkpoints, or random[:seed] (the small ViT)
-    strength: float = 4.0         # the forgeries' strength (train.py's synthetic_strength)
+    strength: float = synthetic.STRENGTH  # the forgeries' strength (train.py's synthetic_strength)
     frames_per_video: int = 4
     cache_dir: str = "out/probe_cache"
     out: str = ""                 # also write the results as JSON here

@@ -56,7 +56,7 @@ class Settings:
     train_split: str = "train"
     test_split: str = "test"
     synthetic_protocol: str = "sbi"  # "sbi": train on real + self-blends, test each family; or "cross_method"
-    synthetic_strength: float = 4.0  # scales every forgery family alike (1: subtle; see synthetic.py)
+    synthetic_strength: float = synthetic.STRENGTH  # scales every forgery family alike (1: subtle)
     synthetic_train_videos: int = 600   # sbi: real videos, each frame paired with its self-blend
     synthetic_test_videos: int = 100    # fake videos per test set (sbi: per family, against as many real ones)
     synthetic_train_methods: str = "faceswap,upsample"   # cross_method: families seen in training (and in_domain)
@@ -156,18 +156,18 @@ def datasets(cfg, image_size):
                                                      data_root=cfg.data_root or None, augment=augment, **kw)
         return path.name, data.FrameFolder(path, augment=augment, **kw)
 
-    bench = {}
+    bench, own = {}, cfg.train_data == "synthetic"
     if "synthetic" in (cfg.train_data, *cfg.test_data.split(",")):
         bench = synthetic.synthetic_splits(protocol=cfg.synthetic_protocol, strength=cfg.synthetic_strength,
                                            image_size=image_size, seed=cfg.seed, augment=aug,
-                                           train_videos=cfg.synthetic_train_videos if cfg.train_data == "synthetic" else 0,
+                                           train_videos=cfg.synthetic_train_videos if own else 0,
                                            test_videos=cfg.synthetic_test_videos,
                                            frames_per_video=cfg.frames_per_video,
                                            test_frames_per_video=cfg.test_frames_per_video,
                                            train_methods=cfg.synthetic_train_methods.split(","),
                                            test_methods=cfg.synthetic_test_methods.split(","))
     out = {}
-    if cfg.train_data == "synthetic":
+    if own:
         out["train"] = bench["train"]
         if cfg.val_data != "none":
             out["val"] = bench["val"]

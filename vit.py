@@ -42,6 +42,11 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
+def explicit_attention(q, k, v):  # 3 x (B, H, N, C) -> (B, H, N, C), the softmax in fp32 as in the fused kernel
+    a = (q @ k.transpose(-1, -2)).float() * (q.shape[-1] ** -0.5)  # (B, H, N, N)
+    return a.softmax(-1).to(v.dtype) @ v
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with OpenAI's fused qkv names (`in_proj_weight`, `out_proj`)."""
 
@@ -60,10 +65,7 @@ class Attention(nn.Module):
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, N, 3D)
         q, k, v = qkv.view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, N, C)
         if q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled():
-            # in training, torch's fused CPU kernel is ~4x slower than this in bf16 (forward and
-            # backward at the small preset's shape; bench.py --only=attention); the softmax runs in fp32
-            a = (q @ k.transpose(-1, -2)).float() * (q.shape[-1] ** -0.5)  # (B, H, N, N)
-            y = a.softmax(-1).to(v.dtype) @ v  # (B, H, N, C)
+            y = explicit_attention(q, k, v)  # the fused CPU kernel trains ~4x slower (bench.py --only=attention)
         else:
             y = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, C)
         return self.out_proj(y.transpose(1, 2).reshape(B, N, D))  # (B, N, D)
@@ -263,18 +265,17 @@ def load_clip(source, *, heads=None):
     pretrain.py writes), else from OpenAI's rule width // 64; `heads`, if given, must agree (a wrong
     count computes other attention without any error). An in-memory state dict takes `heads` as given.
     """
-    stored = None
-    if isinstance(source, (str, Path)):
+    is_file, stored, why = isinstance(source, (str, Path)), None, ""
+    if is_file:
         path = _find_weights(Path(source))
-        name = str(path)
+        name, config, sidecar = str(path), path.parent / "config.json", path.with_suffix(".json")
         if not path.exists():
             raise CheckpointError(f"{name}: no such file")
-        config, sidecar = path.parent / "config.json", path.with_suffix(".json")
         if config.exists():
             cfg = json.loads(config.read_text())
-            stored = (cfg.get("vision_config", cfg).get("num_attention_heads"), f"{config} says so")
+            stored, why = cfg.get("vision_config", cfg).get("num_attention_heads"), f"{config} says so"
         elif sidecar.exists():  # this project's record beside its own weights (pretrain.py)
-            stored = (json.loads(sidecar.read_text()).get("heads"), f"{sidecar} says so")
+            stored, why = json.loads(sidecar.read_text()).get("heads"), f"{sidecar} says so"
         sd = _read_file(path)
     else:
         name, sd = "<state dict>", source
@@ -283,10 +284,10 @@ def load_clip(source, *, heads=None):
         raise CheckpointError(f"{name}: no CLIP ViT image encoder in it (no conv1.weight / positional_embedding); "
                               f"keys start with {sorted(sd)[:5]}")
     width, _, patch, _ = sd["conv1.weight"].shape
-    if isinstance(source, (str, Path)):
-        known, why = stored if stored and stored[0] else \
-            (max(1, width // 64), f"OpenAI's rule width {width} // 64; a {path.with_suffix('.json').name} beside it "
-                                  f"with {{\"heads\": N}} records another count")
+    if is_file:
+        known = stored or max(1, width // 64)
+        if not stored:
+            why = f"OpenAI's rule width {width} // 64; a {sidecar.name} beside it with {{\"heads\": N}} records another"
         if heads is not None and heads != known:
             raise CheckpointError(f"{name} was trained with {known} attention heads ({why}); {heads} were asked for")
         heads = known

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from vit import Block, CheckpointError, VisionTransformer, load_clip
+from vit import Block, CheckpointError, VisionTransformer, explicit_attention, load_clip
 
 transformers = pytest.importorskip("transformers")
 
@@ -185,3 +185,19 @@ def test_a_file_loads_with_the_head_count_it_was_trained_with_and_no_other(tmp_p
             assert torch.equal(loaded(x), model(x))
         with pytest.raises(CheckpointError, match=rf"trained with {heads} attention heads .*; {heads + 1} were asked"):
             load_clip(path, heads=heads + 1)
+
+
+def test_explicit_attention_is_torchs_attention_and_trains_like_it():
+    """The bf16 training path of vit.Attention against F.scaled_dot_product_attention: equal in
+    fp32 (outputs and gradients), and within bf16 rounding in bf16."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 17, 8, requires_grad=True) for _ in range(3))
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    got = explicit_attention(q, k, v)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    g_want = torch.autograd.grad(want.square().sum(), (q, k, v))
+    g_got = torch.autograd.grad(got.square().sum(), (q, k, v))
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    half = explicit_attention(*(t.detach().bfloat16() for t in (q, k, v)))
+    assert half.dtype == torch.bfloat16 and (half.float() - want).abs().max() < 0.05

@@ -278,6 +278,21 @@ def test_rank_target_is_the_original_images_final_cls():
     assert abs(out.rank_loss.item() - loss_with(local.cls)) > 5e-3  # the splits' own CLS as query: another value
 
 
+def test_one_view_ranks_its_tokens_against_its_own_final_cls():
+    """Rows without the split images (the main ablation's first four) have no original-image query
+    for the split images: L_rank ranks the view's tokens against its own final CLS."""
+    model = small_model(rank_temperature=LOW_T, multi_scale=False, layer_pruning=False).train()
+    x = inputs(SMALL, n=3)
+    torch.manual_seed(5)
+    out = model(x)
+    torch.manual_seed(5)
+    enc = model.encode(global_view(x, SMALL.view_size), model.global_routers)
+    rhos = [spearmanr(s.detach().numpy(), F.cosine_similarity(t, q[None], dim=-1).detach().numpy()).statistic
+            for scores, tokens in enc.ranked for s, t, q in zip(scores, tokens, enc.cls)]
+    assert len(enc.ranked) == len(SMALL.routed_layers) and out.rank_loss.item() > 0
+    assert out.rank_loss.item() == pytest.approx(1 - sum(rhos) / len(rhos), abs=2e-3)
+
+
 @pytest.mark.parametrize("shared", [True, False])
 def test_each_branch_uses_its_own_routers(shared):
     model = small_model(share_routers=shared).eval()

@@ -7,7 +7,8 @@ Images are taken as face crops (resized to the model's input); from a video, `fr
 taken evenly and the face is cropped from each (extract.py, the optional video extra). A video's
 score is the mean fake probability of its frames, as the video-level AUC uses. One line per input
 is printed, and every frame's score and exit layers are written to `predictions.csv` and
-`predictions.json` in out_dir (or `--output`, without suffix).
+`predictions.json` in out_dir (or `--output`, without suffix). It computes in the precision the
+run evaluated in (`--dtype` overrides); `--compile` compiles the model first (speed.py).
 """
 import csv
 import json
@@ -20,6 +21,7 @@ import torch
 import cli
 import data
 import extract  # imports OpenCV and dlib only when a video is read
+import speed
 import train
 from dfdhr import DFDHRConfig
 
@@ -34,14 +36,18 @@ class Options:
     output: str = ""           # where predictions.{csv,json} go (default: out_dir/predictions)
     batch_size: int = 32
     device: str = "auto"       # "auto", "cpu", "cuda"
+    dtype: str = "auto"        # "auto": as the run evaluated (its --dtype, train.py's rule), or "bf16", "fp32"
+    compile: bool = False      # speed.compile_for_inference: pays from ~22,000 frames at the small preset (BENCHMARKS.md 3c)
 
 
 def load_model(path, device="cpu"):
-    """The model of a train.py checkpoint, read without executing code (train.load_checkpoint)."""
+    """(model, the run's train.Settings) of a train.py checkpoint, read without executing code
+    (train.load_checkpoint)."""
     ckpt = train.load_checkpoint(Path(path))
-    model = train.build_model(train.Settings(**ckpt["config"]), DFDHRConfig(**ckpt["model_config"]))
+    settings = train.Settings(**ckpt["config"])
+    model = train.build_model(settings, DFDHRConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
-    return model.to(device).eval()
+    return model.to(device).eval(), settings
 
 
 def inputs(path):
@@ -71,8 +77,14 @@ def main(argv):
     opts = Options(**opts)
     if not opts.input:
         raise SystemExit("--input=PATH: an image, a video, or a folder of them")
+    if opts.dtype not in ("auto", "bf16", "fp32"):
+        raise SystemExit(f"--dtype={opts.dtype}: choose one of auto, bf16, fp32")
+    speed.keep_freed_memory()
     device = "cuda" if opts.device == "cuda" or (opts.device == "auto" and torch.cuda.is_available()) else "cpu"
-    model = load_model(opts.checkpoint or Path(opts.out_dir) / "best.pt", device)
+    model, run_settings = load_model(opts.checkpoint or Path(opts.out_dir) / "best.pt", device)
+    dtype = run_settings.dtype if opts.dtype == "auto" else opts.dtype
+    bf16 = dtype == "bf16" or (dtype == "auto" and train.native_bf16(torch.device(device)))
+    run = speed.compile_for_inference(model) if opts.compile else model
     rows, results = [], {}
     for path in inputs(opts.input):
         try:
@@ -83,8 +95,9 @@ def main(argv):
             continue
         probs, exits = [], []
         for chunk in x.split(opts.batch_size):
-            prob, out = model.predict(chunk.to(device))
-            probs += prob.float().cpu().tolist()
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+                out = run(chunk.to(device))
+            probs += out.logits.float().softmax(-1)[:, 1].cpu().tolist()
             exits += out.exit_layer.cpu().tolist()
         score = sum(probs) / len(probs)
         print(f"{path}  fake probability {score:.4f}" + (f" (mean of {len(probs)} frames)" if len(probs) > 1 else "")

@@ -29,6 +29,7 @@ import cli
 import data
 import figures
 import peft
+import speed
 import synthetic
 from dfdhr import ABLATIONS, DFDHR, DFDHRConfig, PRESETS, dfdhr_loss, make_config
 from vit import CheckpointError, load_clip
@@ -373,6 +374,7 @@ def native_bf16(dev):
 def main(argv):
     cfg_given, model_given = cli.parse(argv, Settings, DFDHRConfig)
     cfg, config = settings(cfg_given, model_given)
+    speed.keep_freed_memory()
     out = Path(cfg.out_dir)
     ckpt = None
     if cfg.init_from == "resume":  # the run's own settings, before anything is derived from them

@@ -252,7 +252,7 @@ def test_celebdf_test_list_then_train_end_to_end(ffpp, tmp_path):
     write_video(videos / "clip.mp4")
     (videos / "broken.mp4").write_bytes(b"not a video")
     results = predict.main([f"--input={videos}", f"--out_dir={tmp_path / 'run'}", "--frames=4", "--detector=haar"])
-    model = predict.load_model(tmp_path / "run" / "best.pt")
+    model, _ = predict.load_model(tmp_path / "run" / "best.pt")
     faces = extract.video_faces(videos / "clip.mp4", frames=4, size=model.config.image_size, detector="haar")
     probs = model.predict(torch.stack([data.to_input(c, model.config.image_size) for c in faces.crops]))[0]
     clip = results[str(videos / "clip.mp4")]

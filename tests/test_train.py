@@ -149,14 +149,17 @@ def test_predict_scores_a_folder_as_evaluation_does(tmp_path, capsys):
         pixels = np.random.default_rng(i).integers(0, 256, (70, 70, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(tmp_path / "faces" / f"{i}.png")
     capsys.readouterr()
-    results = predict.main([f"--input={tmp_path / 'faces'}", f"--out_dir={tmp_path / 'run'}"])
+    results = predict.main([f"--input={tmp_path / 'faces'}", f"--out_dir={tmp_path / 'run'}"])  # the run's fp32
     lines = [line for line in capsys.readouterr().out.splitlines() if "fake probability" in line]
     assert len(lines) == 2 and all("exit layer per view [" in line for line in lines)
-    model = predict.load_model(tmp_path / "run" / "best.pt")
-    for i in range(2):  # the same score as the model on the same preprocessing
+    compiled = predict.main([f"--input={tmp_path / 'faces'}", f"--out_dir={tmp_path / 'run'}", "--compile",
+                             f"--output={tmp_path / 'compiled'}"])
+    model, _ = predict.load_model(tmp_path / "run" / "best.pt")
+    for i in range(2):  # the same score as the model on the same preprocessing, eager and compiled
         path = tmp_path / "faces" / f"{i}.png"
         x = train.data.to_input(train.data.load_image(path), model.config.image_size)[None]
         assert results[str(path)]["score"] == pytest.approx(model.predict(x)[0].item(), abs=1e-6)
+        assert compiled[str(path)]["score"] == pytest.approx(model.predict(x)[0].item(), abs=1e-5)
     rows = (tmp_path / "run" / "predictions.csv").read_text().splitlines()
     assert rows[0] == "input,frame,fake_probability,exit_layer_per_view" and len(rows) == 3
 
@@ -209,6 +212,6 @@ def test_ablation_table_states_each_rows_regime_and_parameters(tmp_path, capsys)
     cfg = {name: json.loads((tmp_path / name / "config.json").read_text())["model"] for name in rows}
     assert rows["baseline"][1] == "fine-tuned" and rows["+expert_routing"][1] == "frozen"
     for name, row in rows.items():  # the parameters that train, counted from the run's own model
-        model = predict.load_model(tmp_path / name / "last.pt")
+        model, _ = predict.load_model(tmp_path / name / "last.pt")
         assert int(row[2].replace(",", "")) == sum(p.numel() for p in model.parameters() if p.requires_grad)
         assert cfg[name]["freeze_backbone"] == (name == "+expert_routing")

@@ -1,0 +1,44 @@
+"""Two CPU speed-ups that the scripts switch on; BENCHMARKS.md measures both.
+
+keep_freed_memory: glibc's malloc serves each block above its mmap threshold (at most 32 MiB) with
+a fresh mapping and unmaps it on free, so every large tensor is page-faulted in again on each
+allocation (a ViT-L/14 MLP activation at batch 8 is (8, 257, 4096) fp32 = 34 MB). In the paper
+preset's forward, QuickGELU's sigmoid and mul took 528 ms on fresh pages and 184 ms on reused ones
+(`bench.py --only=exits`). Kept, freed blocks are reused at once; the process's resident memory
+then stays at its peak instead of shrinking between steps.
+
+compile_for_inference: torch.compile (inductor) with the weights frozen into the compiled code
+(constant folding, weights prepacked for oneDNN's matmuls). For inference under torch.no_grad() only:
+a model whose weights change afterwards must be compiled again.
+"""
+import ctypes
+import ctypes.util
+import sys
+
+import torch
+
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt parameters (glibc's malloc.h)
+
+
+def keep_freed_memory():
+    """Make glibc's malloc keep freed memory for reuse, for the rest of the process: no block is
+    served by mmap, and the heap is never trimmed. True if it took effect (False off glibc)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), "mallopt", None)
+    except OSError:  # no C library by that name: nothing to tune
+        return False
+    return mallopt is not None and bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
+
+
+def compile_for_inference(model):
+    """`model` in eval mode, compiled with its weights frozen in, as a function. Shapes are static:
+    each new batch size or row count compiles once more (the first call of each takes seconds to
+    minutes). Inductor reads its freezing switch when it compiles, which is at a call."""
+    compiled = torch.compile(model.eval(), dynamic=False)
+
+    def run(*args, **kwargs):
+        with torch._inductor.config.patch(freezing=True):
+            return compiled(*args, **kwargs)
+    return run

@@ -3,9 +3,11 @@
 Every figure is a ratio against a reference measured in the same run, so it survives a change
 of machine; absolute times are printed with the machine they were taken on.
 
-  1. Backbone vs Hugging Face: vit.VisionTransformer against transformers'
-     CLIPVisionModelWithProjection holding the same random weights (saved by save_pretrained,
-     read back by vit.load_clip), fp32 and bf16 autocast: time ratio and max |difference|.
+  1. Backbone vs Hugging Face: vit.VisionTransformer, eager and compiled (speed.py), against
+     transformers' CLIPVisionModelWithProjection holding the same random weights (saved by
+     save_pretrained, read back by vit.load_clip), fp32 and bf16 autocast: time ratios and max
+     |difference|. `--malloc=default` runs the process under glibc's malloc defaults instead of
+     keeping freed memory (speed.keep_freed_memory, as train.py and predict.py run).
   2. Against the hardware: GFLOP/s of the ViT-L/14 forward (2 × estimate_flops of a plain ViT)
      against a large square matmul; a torch.profiler breakdown says where the rest goes.
   3. Routing pays: the DFD-HR forward (eval) with every routed layer run, with every sample
@@ -15,10 +17,14 @@ of machine; absolute times are printed with the machine they were taken on.
      configuration in a fresh process.
   5. Multiply-adds per image: estimate_flops (the supplementary's formula plus the experts)
      against torch's FlopCounterMode on the model's own forward, for each exit layer.
-  6. Training attention at the small preset's shape: torch's fused CPU kernel against the
-     explicit matmuls vit.Attention uses in bf16 training on the CPU.
+  6. Attention: torch's fused CPU kernel against the explicit matmuls vit.Attention uses in bf16
+     training on the CPU, at the small preset's training shape and ViT-L/14's inference shapes.
+  3b. (--only=exits) Layer exit under the profiler, per operator, T = K beside T = L.
+  3c. The DFD-HR eval forward compiled (predict.py --compile) against eager.
+  8. The default run's step (python train.py): data, forward, backward and optimizer time, and
+     one step's profile. (Section 7 of BENCHMARKS.md is bench_release.py.)
 
-    python bench.py            # the full run (about 8 minutes on 2 cores)
+    python bench.py            # the full run (about 15 minutes on 2 cores)
     python bench.py --quick    # tiny shapes, under a minute; the test runs this
 """
 import json
@@ -35,6 +41,7 @@ import torch
 import transformers
 
 import cli
+import speed
 import vit
 from dfdhr import DFDHR, dfdhr_loss, estimate_flops, force_exit, make_config
 
@@ -101,22 +108,32 @@ def hf_and_ours(shape):
 
 
 def bench_backbones(shapes, *, batches, repeats, profiled):
-    """Rows of the comparison, and the profiles of ours at the `profiled` (model, batch)."""
+    """Rows of the comparison, and the profiles of ours at the `profiled` (model, batch): Hugging
+    Face, ours eager and ours compiled (speed.compile_for_inference) timed in turn."""
     rows, profiles = [], {}
     for name, shape in shapes.items():
         hf, ours = hf_and_ours(shape)
-        for batch in batches:
-            x = torch.randn(batch, 3, shape["image"], shape["image"], generator=torch.Generator().manual_seed(1))
-            for prec in ("fp32", "bf16"):
+        for prec in ("fp32", "bf16"):
+            compiled = speed.compile_for_inference(ours)  # one per precision: autocast is traced in
+            for batch in batches:
+                x = torch.randn(batch, 3, shape["image"], shape["image"], generator=torch.Generator().manual_seed(1))
                 with torch.no_grad(), precision(prec):
-                    diff = (hf(pixel_values=x).image_embeds.float() - ours(x).float()).abs().max().item()
-                    t_hf, t_ours = timed([lambda: hf(pixel_values=x), lambda: ours(x)],
-                                         repeats=repeats(shape, batch))
+                    reference = hf(pixel_values=x).image_embeds.float()
+                    diff = (reference - ours(x).float()).abs().max().item()
+                    start = time.perf_counter()
+                    diff_compiled = (reference - compiled(x).float()).abs().max().item()
+                    compile_s = time.perf_counter() - start
+                    t_hf, t_ours, t_compiled = timed([lambda: hf(pixel_values=x), lambda: ours(x), lambda: compiled(x)],
+                                                     repeats=repeats(shape, batch))
                 rows.append(dict(model=name, batch=batch, precision=prec, hf_s=t_hf, ours_s=t_ours,
-                                 hf_over_ours=t_hf / t_ours, max_abs_diff=diff,
+                                 ours_compiled_s=t_compiled, hf_over_ours=t_hf / t_ours,
+                                 hf_over_ours_compiled=t_hf / t_compiled, max_abs_diff=diff,
+                                 max_abs_diff_compiled=diff_compiled, compile_s=compile_s,
                                  attn=hf.config._attn_implementation))
                 if (name, batch) == profiled:
                     profiles[prec] = profile(ours, x, prec, shape)
+                    profiles[f"{prec} compiled"] = profile(compiled, x, prec, shape)
+            torch._dynamo.reset()
     return rows, profiles
 
 
@@ -142,10 +159,11 @@ def bench_hardware(backbone_rows, shapes, *, matmul_n, repeats):
     rows = []
     for r in backbone_rows:
         flops = 2 * estimate_flops(plain_vit_config(shapes[r["model"]])) * r["batch"]  # multiply-adds -> FLOPs
-        gflops = flops / r["ours_s"] / 1e9
+        peak = peaks[r["precision"]]
         rows.append(dict(model=r["model"], batch=r["batch"], precision=r["precision"], gflop=flops / 1e9,
-                         gflop_s=gflops, matmul_peak_gflop_s=peaks[r["precision"]],
-                         fraction_of_peak=gflops / peaks[r["precision"]]))
+                         gflop_s=flops / r["ours_s"] / 1e9, matmul_peak_gflop_s=peak,
+                         fraction_of_peak=flops / r["ours_s"] / 1e9 / peak,
+                         compiled_fraction_of_peak=flops / r["ours_compiled_s"] / 1e9 / peak))
     return rows, peaks
 
 
@@ -153,8 +171,10 @@ GEMM_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm")
 
 
 def category(op):
-    if op in GEMM_OPS:
-        return "matmul (addmm/mm)"
+    if op in GEMM_OPS or "linear" in op:
+        return "matmul (addmm/mm, oneDNN linear)"
+    if "CompiledFxGraph" in op:
+        return "compiled kernels (fused element-wise, norms)"
     if "scaled_dot_product" in op:
         return "attention (sdpa)"
     if "convolution" in op:
@@ -187,7 +207,7 @@ def profile(model, x, prec, shape, top=10):
     kinds = [dict(kind=k, self_ms=v, share=v * 1e3 / total) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])]
     n, d, L = (shape["image"] // shape["patch"]) ** 2 + 1, shape["width"], shape["layers"]
     gemm_flops = 2 * L * len(x) * (4 * n * d * d + 2 * n * d * 4 * d)
-    gemm_ms = sum(e.self_cpu_time_total for e in events if e.key in GEMM_OPS) / 1e3
+    gemm_ms = sum(e.self_cpu_time_total for e in events if category(e.key).startswith("matmul")) / 1e3
     attn_flops = 2 * L * len(x) * 2 * n * n * d
     attn_ms = sum(e.self_cpu_time_total for e in events if "scaled_dot_product" in e.key) / 1e3
     return dict(ops=ops, kinds=kinds, total_ms=total / 1e3, gemm_gflop_s=gemm_flops / gemm_ms / 1e6,
@@ -225,6 +245,60 @@ def bench_routing(preset, *, batch, repeats):
         rows.append(dict(comparison=what, predicted_saving=predicted, realised_saving=realised,
                          realised_over_predicted=realised / predicted, seconds=times[name], ref_seconds=times[ref]))
     return rows, dict(exits=exits, times=times, flops_per_view=flops, batch=batch, preset=preset)
+
+
+def profile_exits(preset, *, batch, passes, top=12):
+    """Layer exit side by side: every view exiting at K against none exiting, `passes` forwards of
+    each in turn under torch.profiler; per operator the mean self time of both, so the saving can be
+    followed to the operators that give it (and those that do not)."""
+    torch.manual_seed(0)
+    full = DFDHR(make_config(preset)).eval()
+    cfg = full.config
+    exited = DFDHR(cfg, backbone=full.backbone).eval()
+    force_exit(full, cfg.layers)
+    force_exit(exited, cfg.first_routed_layer)
+    x = torch.randn(batch, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(2))
+    self_ms = {"all_layers": {}, "exit_at_K": {}}
+    walls = {k: [] for k in self_ms}
+    with torch.no_grad():
+        full(x), exited(x)
+        for _ in range(passes):
+            for name, model in (("all_layers", full), ("exit_at_K", exited)):
+                start = time.perf_counter()
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                    model(x)
+                walls[name].append(time.perf_counter() - start)
+                for e in prof.key_averages():
+                    self_ms[name][e.key] = self_ms[name].get(e.key, 0) + e.self_cpu_time_total / 1e3 / passes
+    a, b = self_ms["all_layers"], self_ms["exit_at_K"]
+    total_a, total_b = sum(a.values()), sum(b.values())
+    rows = [dict(op=op, all_layers_ms=a.get(op, 0), exit_at_K_ms=b.get(op, 0), saved_ms=a.get(op, 0) - b.get(op, 0),
+                 share_of_saving=(a.get(op, 0) - b.get(op, 0)) / (total_a - total_b))
+            for op in sorted(set(a) | set(b), key=lambda op: -a.get(op, 0))[:top]]
+    predicted = 1 - estimate_flops(cfg, cfg.first_routed_layer) / estimate_flops(cfg, cfg.layers)
+    return rows, dict(passes=passes, batch=batch, predicted_saving=predicted, self_total_ms=[total_a, total_b],
+                      realised_saving_self=1 - total_b / total_a,
+                      wall_median_s=[statistics.median(walls["all_layers"]), statistics.median(walls["exit_at_K"])])
+
+
+def bench_compiled_model(cases, repeats):
+    """The DFD-HR eval forward, eager against speed.compile_for_inference (as `predict.py
+    --compile`), no sample exiting: (preset, batch, precision) per case; compile time apart."""
+    rows = []
+    for preset, batch, prec in cases:
+        torch.manual_seed(0)
+        model = force_exit(DFDHR(make_config(preset)).eval(), make_config(preset).layers)
+        compiled = speed.compile_for_inference(model)
+        x = torch.randn(batch, 3, model.config.image_size, model.config.image_size)
+        with torch.no_grad(), precision(prec):
+            start = time.perf_counter()
+            diff = (compiled(x).logits.float() - model(x).logits.float()).abs().max().item()
+            compile_s = time.perf_counter() - start
+            t_eager, t_compiled = timed([lambda: model(x), lambda: compiled(x)], repeats=repeats)
+        rows.append(dict(preset=preset, batch=batch, precision=prec, eager_s=t_eager, compiled_s=t_compiled,
+                         eager_over_compiled=t_eager / t_compiled, compile_s=compile_s, max_abs_logit_diff=diff))
+        torch._dynamo.reset()
+    return rows
 
 
 # ----------------------------------------------------------------------------- 4. training
@@ -287,15 +361,16 @@ def report_backbone(results, shapes, repeats, matmul_n, profiled):
     results["backbone"], results["profile"] = bench_backbones(shapes, batches=(1, 8), repeats=repeats,
                                                               profiled=profiled)
     print("\n## 1. Backbone: Hugging Face time / ours (>= 1: ours not slower)\n")
-    print(table(results["backbone"], ["model", "batch", "precision", "hf_s", "ours_s", "hf_over_ours",
-                                      "max_abs_diff", "attn"]))
+    print(table(results["backbone"], ["model", "batch", "precision", "hf_s", "ours_s", "ours_compiled_s",
+                                      "hf_over_ours", "hf_over_ours_compiled", "max_abs_diff", "max_abs_diff_compiled",
+                                      "compile_s"]))
 
     results["hardware"], results["matmul_peak"] = bench_hardware(results["backbone"], shapes, matmul_n=matmul_n,
                                                                  repeats=5)
     print(f"\n## 2. Against the hardware: matmul {matmul_n}² peak "
           + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in results["matmul_peak"].items()) + "\n")
     print(table(results["hardware"], ["model", "batch", "precision", "gflop", "gflop_s", "matmul_peak_gflop_s",
-                                      "fraction_of_peak"]))
+                                      "fraction_of_peak", "compiled_fraction_of_peak"]))
     name, batch = profiled
     for prec, p in results["profile"].items():
         print(f"\n### Profile: ours, {name}, batch {batch}, {prec}: {p['total_ms']:.0f} ms self CPU time; "
@@ -325,20 +400,78 @@ def count_flops(preset):
     return rows
 
 
-def bench_attention(shape=(160, 2, 65, 64), repeats=20):
-    """Training attention (forward + backward) at the small preset's shape: torch's fused kernel
-    against vit.Attention's explicit bf16 path (softmax(QKᵀ/√d)V, softmax in fp32)."""
+def bench_attention(repeats=20, inference_batches=(1, 2, 8)):
+    """torch's fused CPU attention kernel against vit.explicit_attention (softmax(QKᵀ/√d)V, softmax
+    in fp32): in training (forward + backward) at the small preset's shape, the case vit.Attention
+    takes the explicit path for, and in inference at ViT-L/14's (B, 16, 257, 64)."""
     fused, explicit = torch.nn.functional.scaled_dot_product_attention, vit.explicit_attention
+    cases = [("training", (160, 2, 65, 64))] + [("inference", (b, 16, 257, 64)) for b in inference_batches]
     rows = []
-    for dtype in (torch.bfloat16, torch.float32):
-        q, k, v = (torch.randn(shape, dtype=dtype, requires_grad=True) for _ in range(3))
+    for mode, shape in cases:
+        for dtype in (torch.bfloat16, torch.float32):
+            q, k, v = (torch.randn(shape, dtype=dtype, requires_grad=mode == "training") for _ in range(3))
 
-        def step(f):
-            return lambda: f(q, k, v).float().sum().backward()
-        t_fused, t_explicit = timed([step(fused), step(explicit)], repeats=repeats)
-        rows.append(dict(dtype=str(dtype).split(".")[1], shape="x".join(map(str, shape)), fused_ms=1e3 * t_fused,
-                         explicit_ms=1e3 * t_explicit, fused_over_explicit=t_fused / t_explicit))
+            def call(f):
+                if mode == "training":
+                    return lambda: f(q, k, v).float().sum().backward()
+                return lambda: f(q, k, v)
+            with torch.set_grad_enabled(mode == "training"):
+                t_fused, t_explicit = timed([call(fused), call(explicit)], repeats=repeats)
+            rows.append(dict(mode=mode, dtype=str(dtype).split(".")[1], shape="x".join(map(str, shape)),
+                             fused_ms=1e3 * t_fused, explicit_ms=1e3 * t_explicit,
+                             fused_over_explicit=t_fused / t_explicit))
     return rows
+
+
+def profile_default_step(steps, **overrides):
+    """Where a step of `python train.py` (the default run) spends its time: waiting for the batch
+    (the data loader over prerendered frames), forward with the loss, backward, optimizer step.
+    Built by train.py's own functions with its default settings (and `overrides` of them, for
+    --quick); phases timed one after another."""
+    import synthetic
+    import train
+    cfg, config = train.settings(overrides, {})
+    model = train.build_model(cfg, config, vit.load_clip(cfg.init_from)).train()
+    train_set = train.datasets(cfg, model.config.image_size)["train"]  # test sets are built, not rendered
+    start = time.perf_counter()
+    synthetic.prerender([train_set])
+    render_s = time.perf_counter() - start
+    opt = train.optimizer(model, cfg)
+    bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and train.native_bf16(torch.device("cpu")))
+    stream = train.batches(train_set, cfg, step=0, rank=0, world=1)
+    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
+
+    def step():  # seconds of (data, forward, backward, optimizer)
+        t = [time.perf_counter()]
+        _, b = next(stream)
+        t.append(time.perf_counter())
+        with autocast():
+            loss = dfdhr_loss(model(b["image"]), b["label"], model.config)
+        t.append(time.perf_counter())
+        opt.zero_grad(set_to_none=True)
+        loss.total.backward()
+        t.append(time.perf_counter())
+        opt.step()
+        t.append(time.perf_counter())
+        return [z - a for a, z in zip(t, t[1:])]
+
+    for _ in range(2):  # warm-up: the loader's worker starts, kernels are picked
+        step()
+    times = [step() for _ in range(steps)]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    kinds = {}
+    for e in prof.key_averages():
+        kinds[category(e.key)] = kinds.get(category(e.key), 0) + e.self_cpu_time_total / 1e3
+    total = sum(kinds.values())
+    medians = [statistics.median(column) for column in zip(*times)]
+    rows = [dict(phase=k, ms=1e3 * m, share=m / sum(medians))
+            for k, m in zip(("data", "forward", "backward", "optimizer"), medians)]
+    by_kind = [dict(kind=k, self_ms=v, share=v / total) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])]
+    ops = [dict(op=e.key, calls=e.count, self_ms=e.self_cpu_time_total / 1e3, share=e.self_cpu_time_total / 1e3 / total)
+           for e in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:15]]
+    return rows, dict(steps=steps, batch=cfg.batch_size, bf16=bf16, img_s=cfg.batch_size / sum(medians),
+                      render_s=render_s, frames=len(train_set), kinds=by_kind, ops=ops)
 
 
 def report_routing(results, preset, batch, repeats):
@@ -354,8 +487,11 @@ def report_routing(results, preset, batch, repeats):
 class Options:
     quick: bool = False          # tiny shapes, under a minute
     json: str = ""               # also write the results to this file
-    only: str = ""               # one part: backbone (1 and 2), routing (3), training (4), flops (5), attention (6)
+    only: str = ""               # one part: backbone (1 and 2), routing (3), exits (3b, only when named), compiled
+                                 # (3c), training (4), flops (5), attention (6), step (8: the default run's step)
     routing_repeats: int = 2     # timed passes of each routing variant
+    exit_profile: int = 0        # with --only=exits: profiled passes of each exit variant (the issue asks for >= 10)
+    malloc: str = "kept"         # "kept": freed memory kept for reuse, as train.py runs (speed.py); "default": glibc's
     train_step: str = ""         # internal: "PRESET,BATCH,STEPS", one training measurement in this process
 
 
@@ -368,17 +504,21 @@ def main(argv=()):
         return None
 
     transformers.utils.logging.disable_progress_bar()
+    if args.malloc not in ("kept", "default"):
+        raise SystemExit(f"--malloc={args.malloc}: choose kept or default")
+    if args.malloc == "kept":
+        speed.keep_freed_memory()  # the whole process, Hugging Face included
     start = time.perf_counter()
     info = machine()
     print(f"# {info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['threads']} threads), "
-          f"transformers {info['transformers']}")
+          f"transformers {info['transformers']}; malloc: {args.malloc}")
     if args.quick:
         shapes, matmul_n, profiled, routing_preset, routing_batch = TINY, 256, ("tiny", 8), "small", 2
         train_runs = [("small", 4, 1)]
     else:
         shapes, matmul_n, profiled, routing_preset, routing_batch = BACKBONES, 2048, ("ViT-L/14", 8), "paper", 2
         train_runs = [("small", 16, 5), ("paper", 2, 1)]
-    results = dict(machine=info, quick=args.quick)
+    results = dict(machine=info, quick=args.quick, malloc=args.malloc)
 
     if args.only in ("", "backbone"):
         report_backbone(results, shapes, backbone_repeats, matmul_n, profiled)
@@ -390,14 +530,40 @@ def main(argv=()):
         print(table(results["training"], ["preset", "batch", "step_s", "rss_model_mib", "rss_peak_mib",
                                           "rss_step_mib", "trainable_params", "frozen_backbone", "error"]))
     if args.only in ("", "attention"):
-        results["attention"] = bench_attention(repeats=3 if args.quick else 20)
-        print("\n## 6. Training attention (forward + backward): fused kernel vs explicit matmuls\n")
-        print(table(results["attention"], ["dtype", "shape", "fused_ms", "explicit_ms", "fused_over_explicit"]))
+        results["attention"] = bench_attention(repeats=3, inference_batches=(1,)) if args.quick else bench_attention()
+        print("\n## 6. Attention: fused kernel vs explicit matmuls (training: forward + backward)\n")
+        print(table(results["attention"], ["mode", "dtype", "shape", "fused_ms", "explicit_ms", "fused_over_explicit"]))
     if args.only in ("", "flops"):
         preset = "small" if args.quick else "paper"
         results["flops"] = count_flops(preset)
         print(f"\n## 5. Multiply-adds per image ({preset} preset, every view): the formula and torch's counter\n")
         print(table(results["flops"], ["exit_layer", "formula_gmac", "counted_gmac", "counted_over_formula"]))
+    if args.only == "exits":
+        results["exits"], d = profile_exits("small" if args.quick else "paper", batch=2, passes=args.exit_profile or 2)
+        print(f"\n## 3b. Layer exit under the profiler: T = K vs T = L, {d['passes']} passes each, batch {d['batch']}; "
+              f"predicted saving {d['predicted_saving']:.3f}, realised in self CPU time {d['realised_saving_self']:.3f} "
+              f"({d['self_total_ms'][0]:.0f} vs {d['self_total_ms'][1]:.0f} ms), wall medians "
+              f"{d['wall_median_s'][0]:.2f} vs {d['wall_median_s'][1]:.2f} s\n")
+        print(table(results["exits"], ["op", "all_layers_ms", "exit_at_K_ms", "saved_ms", "share_of_saving"]))
+    if args.only in ("", "compiled"):
+        cases = [("small", 4, "bf16")] if args.quick else [("small", 32, "bf16"), ("small", 32, "fp32"),
+                                                             ("paper", 2, "bf16"), ("paper", 2, "fp32")]
+        results["compiled"] = bench_compiled_model(cases, repeats=2 if args.quick else 5)
+        print("\n## 3c. DFD-HR eval forward, eager vs compiled (predict.py --compile)\n")
+        print(table(results["compiled"], ["preset", "batch", "precision", "eager_s", "compiled_s",
+                                          "eager_over_compiled", "compile_s", "max_abs_logit_diff"]))
+    if args.only in ("", "step"):
+        quick = dict(synthetic_train_videos=8, synthetic_test_videos=2, num_workers=0) if args.quick else {}
+        results["step"], d = profile_default_step(steps=3 if args.quick else 30, **quick)
+        results["step_profile"] = d
+        print(f"\n## 8. The default run's step (python train.py's settings): median of {d['steps']} steps of "
+              f"{d['batch']}, {'bf16' if d['bf16'] else 'fp32'}, {d['img_s']:.1f} img/s; rendering its "
+              f"{d['frames']} training frames once took {d['render_s']:.0f} s\n")
+        print(table(results["step"], ["phase", "ms", "share"]))
+        print("\nOne step under torch.profiler, self CPU time by kind (forward, backward and optimizer ops):\n")
+        print(table(d["kinds"], ["kind", "self_ms", "share"]))
+        print()
+        print(table(d["ops"], ["op", "calls", "self_ms", "share"]))
     results["total_s"] = time.perf_counter() - start
     print(f"\ntotal {results['total_s']:.0f} s")
     if args.json:

@@ -12,14 +12,13 @@ with random weights. Without a checkout the benchmark says so and exits.
 Both detectors get the same weights: the release's adapters, judges, pooling and head are copied
 into ours built with `--ablation=released` (its routing: layers 20-22 routed, 23 for every sample,
 argsort ranks, one Gumbel draw, no gate noise), so their eval logits must agree. Reported per batch:
-eval forward and one training step (forward, backward, Adam), release seconds / ours, median of
-`repeats` after a warm-up, and the largest |difference| of the eval logits.
+eval forward and one training step (forward, backward, Adam), release seconds / ours, medians of
+`repeats` after a warm-up with the two in turn, and the largest |difference| of the eval logits.
+`--malloc` sets glibc's allocator for the process, so for both (speed.py; train.py keeps freed memory).
 """
 import importlib
 import importlib.util
-import statistics
 import sys
-import time
 import types
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import cli
+import speed
+from bench import timed
 from dfdhr import DFDHR, dfdhr_loss, make_config
 from vit import load_clip
 
@@ -39,6 +40,7 @@ class Options:
     batches: str = "2,8"
     repeats: int = 2           # timed runs of each measurement, after one warm-up
     train: bool = True         # also time a training step
+    malloc: str = "kept"       # "kept": freed memory kept for reuse in this process (speed.py), or glibc's "default"
     seed: int = 0
 
 
@@ -140,16 +142,6 @@ def build(opts):
 
 # ----------------------------------------------------------------------------- measurements
 
-def median_seconds(fn, repeats):
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def train_step(model, loss_of, x, y):
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=5e-4)
 
@@ -162,24 +154,24 @@ def train_step(model, loss_of, x, y):
 
 
 def measure(release, ours, batch, opts):
+    """One row: the two detectors timed in turn (bench.timed), medians of `repeats` after a warm-up."""
     x = torch.randn(batch, 3, 448, 448, generator=torch.Generator().manual_seed(batch))
     y = torch.arange(batch) % 2
     release.eval(), ours.eval()
+    row = dict(batch=batch)
     with torch.no_grad():
-        diff = (release({"image": x})["cls"] - ours(x).logits).abs().max().item()
-        row = dict(batch=batch, max_abs_logit_diff=diff,
-                   release_eval_s=median_seconds(lambda: release({"image": x}), opts.repeats),
-                   ours_eval_s=median_seconds(lambda: ours(x), opts.repeats))
-    row["eval_release_over_ours"] = row["release_eval_s"] / row["ours_eval_s"]
+        row["max_abs_logit_diff"] = (release({"image": x})["cls"] - ours(x).logits).abs().max().item()
+        t = timed([lambda: release({"image": x}), lambda: ours(x)], repeats=opts.repeats)
+    row.update(release_eval_s=t[0], ours_eval_s=t[1], eval_release_over_ours=t[0] / t[1])
     if opts.train:
         def release_loss(x, y):
             data = {"image": x, "label": y}
             return release.get_losses(data, release(data))["overall"]
 
-        row["release_train_s"] = median_seconds(train_step(release, release_loss, x, y), opts.repeats)
-        row["ours_train_s"] = median_seconds(
-            train_step(ours, lambda x, y: dfdhr_loss(ours(x), y, ours.config).total, x, y), opts.repeats)
-        row["train_release_over_ours"] = row["release_train_s"] / row["ours_train_s"]
+        t = timed([train_step(release, release_loss, x, y),
+                   train_step(ours, lambda x, y: dfdhr_loss(ours(x), y, ours.config).total, x, y)],
+                  repeats=opts.repeats)
+        row.update(release_train_s=t[0], ours_train_s=t[1], train_release_over_ours=t[0] / t[1])
     return row
 
 
@@ -191,6 +183,10 @@ def main(argv):
     for package in ("einops", "transformers"):
         if importlib.util.find_spec(package) is None:
             raise SystemExit(f"bench_release: the released detector needs {package} (pip install {package})")
+    if opts.malloc not in ("kept", "default"):
+        raise SystemExit(f"--malloc={opts.malloc}: choose kept or default")
+    if opts.malloc == "kept":
+        speed.keep_freed_memory()  # for both detectors: the setting is the process's
     release, ours = build(opts)
     rows = []
     for batch in map(int, opts.batches.split(",")):

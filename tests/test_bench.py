@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -21,3 +23,17 @@ def test_bench_quick_runs_and_outputs_agree(tmp_path):
                          fusion_only=[cfg_layers])
     assert [r.get("error") for r in results["training"]] == [None]
     assert all(r["step_s"] > 0 and r["rss_peak_mib"] > 0 for r in results["training"])
+    assert [r["phase"] for r in results["step"]] == ["data", "forward", "backward", "optimizer"]
+    assert sum(r["share"] for r in results["step"]) == pytest.approx(1)
+    assert {(r["mode"], r["dtype"]) for r in results["attention"]} == {(m, d) for m in ("training", "inference")
+                                                                       for d in ("bfloat16", "float32")}
+
+
+def test_bench_quick_exit_profile_sees_the_skipped_layers(tmp_path):
+    out = tmp_path / "exits.json"
+    subprocess.run([sys.executable, "bench.py", "--quick", "--only=exits", f"--json={out}"], cwd=ROOT, check=True,
+                   capture_output=True, text=True)
+    results = json.loads(out.read_text())
+    d = results["exits"]
+    matmul = next(r for r in d if r["op"] == "aten::addmm")  # half the small preset's layers are skipped
+    assert 0.2 < 1 - matmul["exit_at_K_ms"] / matmul["all_layers_ms"] < 0.7

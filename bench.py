@@ -24,8 +24,8 @@ of machine; absolute times are printed with the machine they were taken on.
   8. The default run's step (python train.py): data, forward, backward and optimizer time, and
      one step's profile. (Section 7 of BENCHMARKS.md is bench_release.py.)
 
-    python bench.py            # the full run (about 15 minutes on 2 cores)
-    python bench.py --quick    # tiny shapes, under a minute; the test runs this
+    python bench.py            # the full run (each section's time is in BENCHMARKS.md)
+    python bench.py --quick    # tiny shapes; tests/test_bench.py runs this
 """
 import json
 import os
@@ -186,6 +186,20 @@ def category(op):
     return "other (element-wise, views, ...)"
 
 
+def breakdown(prof, top):
+    """A profile's events (largest self CPU time first), its `top` operators, its time by kind
+    (`category`), and its total self time in µs."""
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    ops = [dict(op=e.key, calls=e.count, self_ms=e.self_cpu_time_total / 1e3, share=e.self_cpu_time_total / total)
+           for e in events[:top]]
+    kinds = {}
+    for e in events:
+        kinds[category(e.key)] = kinds.get(category(e.key), 0) + e.self_cpu_time_total / 1e3
+    kinds = [dict(kind=k, self_ms=v, share=v * 1e3 / total) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])]
+    return events, ops, kinds, total
+
+
 def profile(model, x, prec, shape, top=10):
     """Self CPU time by operator and by kind for one forward (after one warm-up), largest first.
 
@@ -197,14 +211,7 @@ def profile(model, x, prec, shape, top=10):
         model(x)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             model(x)
-    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-    total = sum(e.self_cpu_time_total for e in events)
-    ops = [dict(op=e.key, calls=e.count, self_ms=e.self_cpu_time_total / 1e3, share=e.self_cpu_time_total / total)
-           for e in events[:top]]
-    kinds = {}
-    for e in events:
-        kinds[category(e.key)] = kinds.get(category(e.key), 0) + e.self_cpu_time_total / 1e3
-    kinds = [dict(kind=k, self_ms=v, share=v * 1e3 / total) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])]
+    events, ops, kinds, total = breakdown(prof, top)
     n, d, L = (shape["image"] // shape["patch"]) ** 2 + 1, shape["width"], shape["layers"]
     gemm_flops = 2 * L * len(x) * (4 * n * d * d + 2 * n * d * 4 * d)
     gemm_ms = sum(e.self_cpu_time_total for e in events if category(e.key).startswith("matmul")) / 1e3
@@ -216,19 +223,24 @@ def profile(model, x, prec, shape, top=10):
 
 # ----------------------------------------------------------------------------- 3. routing pays
 
-def bench_routing(preset, *, batch, repeats):
-    """Predicted (estimate_flops) and realised (wall time) savings of layer exit and token selection."""
+def exit_variants(preset, batch):
+    """The model with no view exiting, the same backbone with every view exiting at K (its own
+    routers), and an input batch."""
     torch.manual_seed(0)
     full = DFDHR(make_config(preset)).eval()
+    exited = DFDHR(full.config, backbone=full.backbone).eval()
+    size = full.config.image_size
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(2))
+    return force_exit(full, full.config.layers), force_exit(exited, full.config.first_routed_layer), x
+
+
+def bench_routing(preset, *, batch, repeats):
+    """Predicted (estimate_flops) and realised (wall time) savings of layer exit and token selection."""
+    full, exited, x = exit_variants(preset, batch)
     cfg = full.config
     L, K = cfg.layers, cfg.first_routed_layer
-    exited = DFDHR(cfg, backbone=full.backbone).eval()  # same backbone, its own routers
-    no_tokens = DFDHR(replace(cfg, token_selection=False), backbone=full.backbone).eval()
+    no_tokens = force_exit(DFDHR(replace(cfg, token_selection=False), backbone=full.backbone).eval(), L)
     fusion_only = DFDHR(make_config(preset, "fusion_only"), backbone=full.backbone).eval()
-    force_exit(full, L)
-    force_exit(exited, K)
-    force_exit(no_tokens, L)
-    x = torch.randn(batch, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(2))
     models = dict(all_layers=full, exit_at_K=exited, no_token_selection=no_tokens, fusion_only=fusion_only)
     with torch.no_grad():
         exits = {k: m(x).exit_layer.unique().tolist() for k, m in models.items()}
@@ -251,13 +263,8 @@ def profile_exits(preset, *, batch, passes, top=12):
     """Layer exit side by side: every view exiting at K against none exiting, `passes` forwards of
     each in turn under torch.profiler; per operator the mean self time of both, so the saving can be
     followed to the operators that give it (and those that do not)."""
-    torch.manual_seed(0)
-    full = DFDHR(make_config(preset)).eval()
+    full, exited, x = exit_variants(preset, batch)
     cfg = full.config
-    exited = DFDHR(cfg, backbone=full.backbone).eval()
-    force_exit(full, cfg.layers)
-    force_exit(exited, cfg.first_routed_layer)
-    x = torch.randn(batch, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(2))
     self_ms = {"all_layers": {}, "exit_at_K": {}}
     walls = {k: [] for k in self_ms}
     with torch.no_grad():
@@ -287,7 +294,8 @@ def bench_compiled_model(cases, repeats):
     rows = []
     for preset, batch, prec in cases:
         torch.manual_seed(0)
-        model = force_exit(DFDHR(make_config(preset)).eval(), make_config(preset).layers)
+        model = DFDHR(make_config(preset)).eval()
+        force_exit(model, model.config.layers)
         compiled = speed.compile_for_inference(model)
         x = torch.randn(batch, 3, model.config.image_size, model.config.image_size)
         with torch.no_grad(), precision(prec):
@@ -460,18 +468,12 @@ def profile_default_step(steps, **overrides):
     times = [step() for _ in range(steps)]
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         step()
-    kinds = {}
-    for e in prof.key_averages():
-        kinds[category(e.key)] = kinds.get(category(e.key), 0) + e.self_cpu_time_total / 1e3
-    total = sum(kinds.values())
+    _, ops, kinds, _ = breakdown(prof, top=15)
     medians = [statistics.median(column) for column in zip(*times)]
     rows = [dict(phase=k, ms=1e3 * m, share=m / sum(medians))
             for k, m in zip(("data", "forward", "backward", "optimizer"), medians)]
-    by_kind = [dict(kind=k, self_ms=v, share=v / total) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])]
-    ops = [dict(op=e.key, calls=e.count, self_ms=e.self_cpu_time_total / 1e3, share=e.self_cpu_time_total / 1e3 / total)
-           for e in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:15]]
     return rows, dict(steps=steps, batch=cfg.batch_size, bf16=bf16, img_s=cfg.batch_size / sum(medians),
-                      render_s=render_s, frames=len(train_set), kinds=by_kind, ops=ops)
+                      render_s=render_s, frames=len(train_set), kinds=kinds, ops=ops)
 
 
 def report_routing(results, preset, batch, repeats):
@@ -485,7 +487,7 @@ def report_routing(results, preset, batch, repeats):
 
 @dataclass(frozen=True)
 class Options:
-    quick: bool = False          # tiny shapes, under a minute
+    quick: bool = False          # tiny shapes (what tests/test_bench.py runs)
     json: str = ""               # also write the results to this file
     only: str = ""               # one part: backbone (1 and 2), routing (3), exits (3b, only when named), compiled
                                  # (3c), training (4), flops (5), attention (6), step (8: the default run's step)

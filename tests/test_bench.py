@@ -4,8 +4,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -23,10 +21,12 @@ def test_bench_quick_runs_and_outputs_agree(tmp_path):
                          fusion_only=[cfg_layers])
     assert [r.get("error") for r in results["training"]] == [None]
     assert all(r["step_s"] > 0 and r["rss_peak_mib"] > 0 for r in results["training"])
+    # smoke: the step profile and the attention cases ran (their figures are not checked here)
     assert [r["phase"] for r in results["step"]] == ["data", "forward", "backward", "optimizer"]
-    assert sum(r["share"] for r in results["step"]) == pytest.approx(1)
     assert {(r["mode"], r["dtype"]) for r in results["attention"]} == {(m, d) for m in ("training", "inference")
                                                                        for d in ("bfloat16", "float32")}
+    for r in results["compiled"]:  # the compiled routed model against the eager one (bf16 rounding)
+        assert r["max_abs_logit_diff"] < 5e-2, r
 
 
 def test_bench_quick_exit_profile_sees_the_skipped_layers(tmp_path):

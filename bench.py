@@ -53,8 +53,8 @@ BACKBONES = {
 TINY = {"tiny": dict(width=64, layers=2, heads=2, patch=8, image=32, proj=48)}
 
 
-def timed(fns, *, repeats, warmup=1):
-    """Median seconds of each callable; they run in turn, so a change of machine load hits all alike."""
+def timed(fns, *, repeats, warmup=1, stat=statistics.median):
+    """Median (or `stat`) seconds of each callable; they run in turn, so a change of machine load hits all alike."""
     for _ in range(warmup):
         for f in fns:
             f()
@@ -64,7 +64,7 @@ def timed(fns, *, repeats, warmup=1):
             start = time.perf_counter()
             f()
             t.append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
+    return [stat(t) for t in times]
 
 
 def precision(name):
@@ -125,9 +125,11 @@ def bench_backbones(shapes, *, batches, repeats, profiled):
                     compile_s = time.perf_counter() - start
                     t_hf, t_ours, t_compiled = timed([lambda: hf(pixel_values=x), lambda: ours(x), lambda: compiled(x)],
                                                      repeats=repeats(shape, batch))
+                    hf_matmuls = matmul_share(lambda: hf(pixel_values=x))
                 rows.append(dict(model=name, batch=batch, precision=prec, hf_s=t_hf, ours_s=t_ours,
                                  ours_compiled_s=t_compiled, hf_over_ours=t_hf / t_ours,
-                                 hf_over_ours_compiled=t_hf / t_compiled, max_abs_diff=diff,
+                                 hf_over_ours_compiled=t_hf / t_compiled, hf_matmul_share=hf_matmuls,
+                                 hf_over_its_matmuls=1 / hf_matmuls, max_abs_diff=diff,
                                  max_abs_diff_compiled=diff_compiled, compile_s=compile_s,
                                  attn=hf.config._attn_implementation))
                 if (name, batch) == profiled:
@@ -147,9 +149,10 @@ def plain_vit_config(shape):
 
 
 def matmul_peak(n, prec, repeats):
+    """GFLOP/s of the fastest of `repeats` n×n @ n×n matmuls: the peak is what the machine can reach."""
     dtype = torch.bfloat16 if prec == "bf16" else torch.float32
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    (t,) = timed([lambda: a @ b], repeats=repeats)
+    (t,) = timed([lambda: a @ b], repeats=repeats, stat=min)
     return 2 * n ** 3 / t / 1e9
 
 
@@ -167,16 +170,13 @@ def bench_hardware(backbone_rows, shapes, *, matmul_n, repeats):
     return rows, peaks
 
 
-GEMM_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm")
-
-
 def category(op):
-    if op in GEMM_OPS or "linear" in op:
+    if op in ("aten::addmm", "aten::mm") or "linear" in op:
         return "matmul (addmm/mm, oneDNN linear)"
     if "CompiledFxGraph" in op:
-        return "compiled kernels (fused element-wise, norms)"
-    if "scaled_dot_product" in op:
-        return "attention (sdpa)"
+        return "compiled kernels (fused element-wise, norms, softmax)"
+    if "scaled_dot_product" in op or op in ("aten::bmm", "aten::_softmax", "aten::_softmax_backward_data"):
+        return "attention (sdpa; or bmm and softmax)"
     if "convolution" in op:
         return "patch embedding (conv)"
     if op in ("aten::copy_", "aten::_to_copy", "aten::to", "aten::clone", "aten::contiguous"):
@@ -200,12 +200,23 @@ def breakdown(prof, top):
     return events, ops, kinds, total
 
 
+def matmul_share(call):
+    """The share of one call's self CPU time that its matmuls take. HF time / ours can exceed
+    1 / share only if our matmuls run faster than Hugging Face's: the rest is all there is to save."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        call()
+    _, _, kinds, _ = breakdown(prof, 0)
+    return sum(k["share"] for k in kinds if k["kind"].startswith("matmul"))
+
+
 def profile(model, x, prec, shape, top=10):
     """Self CPU time by operator and by kind for one forward (after one warm-up), largest first.
 
     Also the rate of the matmuls alone: the ViT's 4nd² + 2ndm multiply-adds per token and layer
     over the time spent in addmm/mm, which says whether the gap to the matmul peak is in the
-    matmuls themselves or around them.
+    matmuls themselves or around them; and the attention's rate: its 2n²d multiply-adds over the
+    fused kernel's time, or the explicit path's bmm and softmax (compiled: the softmax is fused
+    with other ops and not counted).
     """
     with torch.no_grad(), precision(prec):
         model(x)
@@ -216,7 +227,7 @@ def profile(model, x, prec, shape, top=10):
     gemm_flops = 2 * L * len(x) * (4 * n * d * d + 2 * n * d * 4 * d)
     gemm_ms = sum(e.self_cpu_time_total for e in events if category(e.key).startswith("matmul")) / 1e3
     attn_flops = 2 * L * len(x) * 2 * n * n * d
-    attn_ms = sum(e.self_cpu_time_total for e in events if "scaled_dot_product" in e.key) / 1e3
+    attn_ms = sum(e.self_cpu_time_total for e in events if category(e.key).startswith("attention")) / 1e3
     return dict(ops=ops, kinds=kinds, total_ms=total / 1e3, gemm_gflop_s=gemm_flops / gemm_ms / 1e6,
                 attention_gflop_s=attn_flops / attn_ms / 1e6)
 
@@ -370,11 +381,11 @@ def report_backbone(results, shapes, repeats, matmul_n, profiled):
                                                               profiled=profiled)
     print("\n## 1. Backbone: Hugging Face time / ours (>= 1: ours not slower)\n")
     print(table(results["backbone"], ["model", "batch", "precision", "hf_s", "ours_s", "ours_compiled_s",
-                                      "hf_over_ours", "hf_over_ours_compiled", "max_abs_diff", "max_abs_diff_compiled",
-                                      "compile_s"]))
+                                      "hf_over_ours", "hf_over_ours_compiled", "hf_matmul_share", "hf_over_its_matmuls",
+                                      "max_abs_diff", "max_abs_diff_compiled", "compile_s"]))
 
     results["hardware"], results["matmul_peak"] = bench_hardware(results["backbone"], shapes, matmul_n=matmul_n,
-                                                                 repeats=5)
+                                                                 repeats=20)
     print(f"\n## 2. Against the hardware: matmul {matmul_n}² peak "
           + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in results["matmul_peak"].items()) + "\n")
     print(table(results["hardware"], ["model", "batch", "precision", "gflop", "gflop_s", "matmul_peak_gflop_s",
@@ -410,10 +421,12 @@ def count_flops(preset):
 
 def bench_attention(repeats=20, inference_batches=(1, 2, 8)):
     """torch's fused CPU attention kernel against vit.explicit_attention (softmax(QKᵀ/√d)V, softmax
-    in fp32): in training (forward + backward) at the small preset's shape, the case vit.Attention
-    takes the explicit path for, and in inference at ViT-L/14's (B, 16, 257, 64)."""
+    in fp32), the path vit.Attention takes on the CPU in bf16: in training (forward + backward) at the
+    small preset's batch, in inference at its evaluation batch's split views and at ViT-L/14's
+    (B, 16, 257, 64)."""
     fused, explicit = torch.nn.functional.scaled_dot_product_attention, vit.explicit_attention
-    cases = [("training", (160, 2, 65, 64))] + [("inference", (b, 16, 257, 64)) for b in inference_batches]
+    cases = [("training", (160, 2, 65, 64)), ("inference", (128, 2, 65, 64))] + \
+        [("inference", (b, 16, 257, 64)) for b in inference_batches]
     rows = []
     for mode, shape in cases:
         for dtype in (torch.bfloat16, torch.float32):
@@ -431,11 +444,12 @@ def bench_attention(repeats=20, inference_batches=(1, 2, 8)):
     return rows
 
 
-def profile_default_step(steps, **overrides):
+def profile_default_step(steps, compiled=False, **overrides):
     """Where a step of `python train.py` (the default run) spends its time: waiting for the batch
     (the data loader over prerendered frames), forward with the loss, backward, optimizer step.
     Built by train.py's own functions with its default settings (and `overrides` of them, for
-    --quick); phases timed one after another."""
+    --quick); phases timed one after another. `compiled`: then also the whole step with the model
+    under torch.compile (forward and backward graphs), its steps and eager ones in turn."""
     import synthetic
     import train
     cfg, config = train.settings(overrides, {})
@@ -449,12 +463,12 @@ def profile_default_step(steps, **overrides):
     stream = train.batches(train_set, cfg, step=0, rank=0, world=1)
     autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
 
-    def step():  # seconds of (data, forward, backward, optimizer)
+    def step(net=model):  # seconds of (data, forward, backward, optimizer)
         t = [time.perf_counter()]
         _, b = next(stream)
         t.append(time.perf_counter())
         with autocast():
-            loss = dfdhr_loss(model(b["image"]), b["label"], model.config)
+            loss = dfdhr_loss(net(b["image"]), b["label"], model.config)
         t.append(time.perf_counter())
         opt.zero_grad(set_to_none=True)
         loss.total.backward()
@@ -472,8 +486,17 @@ def profile_default_step(steps, **overrides):
     medians = [statistics.median(column) for column in zip(*times)]
     rows = [dict(phase=k, ms=1e3 * m, share=m / sum(medians))
             for k, m in zip(("data", "forward", "backward", "optimizer"), medians)]
-    return rows, dict(steps=steps, batch=cfg.batch_size, bf16=bf16, img_s=cfg.batch_size / sum(medians),
-                      render_s=render_s, frames=len(train_set), kinds=kinds, ops=ops)
+    detail = dict(steps=steps, batch=cfg.batch_size, bf16=bf16, img_s=cfg.batch_size / sum(medians),
+                  render_s=render_s, frames=len(train_set), kinds=kinds, ops=ops)
+    if compiled:
+        net = speed.compile_for_training(model)  # as train.py --compile runs it
+        compile_s = sum(step(net))  # the first step compiles
+        step(net)
+        pairs = [(sum(step()), sum(step(net))) for _ in range(steps)]
+        eager_s, compiled_s = (statistics.median(column) for column in zip(*pairs))
+        detail["compiled"] = dict(eager_s=eager_s, compiled_s=compiled_s, eager_over_compiled=eager_s / compiled_s,
+                                  first_step_s=compile_s, steps_to_repay=compile_s / (eager_s - compiled_s))
+    return rows, detail
 
 
 def report_routing(results, preset, batch, repeats):
@@ -493,6 +516,7 @@ class Options:
                                  # (3c), training (4), flops (5), attention (6), step (8: the default run's step)
     routing_repeats: int = 2     # timed passes of each routing variant
     exit_profile: int = 0        # with --only=exits: profiled passes of each exit variant (the issue asks for >= 10)
+    step_compiled: bool = False  # with --only=step: also time the step compiled (compiling takes minutes)
     malloc: str = "kept"         # "kept": freed memory kept for reuse, as train.py runs (speed.py); "default": glibc's
     train_step: str = ""         # internal: "PRESET,BATCH,STEPS", one training measurement in this process
 
@@ -556,7 +580,7 @@ def main(argv=()):
                                           "eager_over_compiled", "compile_s", "max_abs_logit_diff"]))
     if args.only in ("", "step"):
         quick = dict(synthetic_train_videos=8, synthetic_test_videos=2, num_workers=0) if args.quick else {}
-        results["step"], d = profile_default_step(steps=3 if args.quick else 30, **quick)
+        results["step"], d = profile_default_step(steps=3 if args.quick else 30, compiled=args.step_compiled, **quick)
         results["step_profile"] = d
         print(f"\n## 8. The default run's step (python train.py's settings): median of {d['steps']} steps of "
               f"{d['batch']}, {'bf16' if d['bf16'] else 'fp32'}, {d['img_s']:.1f} img/s; rendering its "
@@ -566,6 +590,11 @@ def main(argv=()):
         print(table(d["kinds"], ["kind", "self_ms", "share"]))
         print()
         print(table(d["ops"], ["op", "calls", "self_ms", "share"]))
+        if "compiled" in d:
+            c = d["compiled"]
+            print(f"\nCompiled (torch.compile, forward and backward), {d['steps']} steps each, in turn: eager "
+                  f"{c['eager_s']:.3f} s, compiled {c['compiled_s']:.3f} s a step ({c['eager_over_compiled']:.2f}×); "
+                  f"the first compiled step took {c['first_step_s']:.0f} s, repaid after {c['steps_to_repay']:.0f} steps")
     results["total_s"] = time.perf_counter() - start
     print(f"\ntotal {results['total_s']:.0f} s")
     if args.json:

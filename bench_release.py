@@ -29,7 +29,7 @@ from torch import nn
 
 import cli
 import speed
-from bench import timed
+from bench import breakdown, table, timed
 from dfdhr import DFDHR, dfdhr_loss, make_config
 from vit import load_clip
 
@@ -40,6 +40,7 @@ class Options:
     batches: str = "2,8"
     repeats: int = 2           # timed runs of each measurement, after one warm-up
     train: bool = True         # also time a training step
+    profile: bool = False      # also profile one training step of each: self CPU time by kind of operator
     malloc: str = "kept"       # "kept": freed memory kept for reuse in this process (speed.py), or glibc's "default"
     seed: int = 0
 
@@ -168,10 +169,18 @@ def measure(release, ours, batch, opts):
             data = {"image": x, "label": y}
             return release.get_losses(data, release(data))["overall"]
 
-        t = timed([train_step(release, release_loss, x, y),
-                   train_step(ours, lambda x, y: dfdhr_loss(ours(x), y, ours.config).total, x, y)],
-                  repeats=opts.repeats)
+        steps = dict(release=train_step(release, release_loss, x, y),
+                     ours=train_step(ours, lambda x, y: dfdhr_loss(ours(x), y, ours.config).total, x, y))
+        t = timed(list(steps.values()), repeats=opts.repeats)
         row.update(release_train_s=t[0], ours_train_s=t[1], train_release_over_ours=t[0] / t[1])
+        if opts.profile:  # where each training step's time goes, by kind of operator
+            for name, step in steps.items():
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                    step()
+                _, ops, kinds, total = breakdown(prof, top=12)
+                print(f"\n{name}, training step at batch {batch}: {total / 1e6:.1f} s self CPU time\n\n"
+                      f"{table(kinds, ['kind', 'self_ms', 'share'])}\n\n{table(ops, ['op', 'calls', 'self_ms', 'share'])}",
+                      flush=True)
     return row
 
 

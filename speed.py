@@ -10,6 +10,9 @@ then stays at its peak instead of shrinking between steps.
 compile_for_inference: torch.compile (inductor) with the weights frozen into the compiled code
 (constant folding, weights prepacked for oneDNN's matmuls). For inference under torch.no_grad() only:
 a model whose weights change afterwards must be compiled again.
+
+compile_for_training: torch.compile of the training forward (and so its backward) with the random
+draws of eager mode, so a compiled run draws the same Gumbel noise as an eager one.
 """
 import ctypes
 import ctypes.util
@@ -42,3 +45,9 @@ def compile_for_inference(model):
         with torch._inductor.config.patch(freezing=True):
             return compiled(*args, **kwargs)
     return run
+
+
+def compile_for_training(model):
+    """`model` (a module, or DDP around one) under torch.compile; inductor otherwise generates its own
+    random numbers, which would make a compiled run draw other noise than the eager run."""
+    return torch.compile(model, options={"fallback_random": True})

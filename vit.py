@@ -43,8 +43,8 @@ class QuickGELU(nn.Module):
 
 
 def explicit_attention(q, k, v):  # 3 x (B, H, N, C) -> (B, H, N, C), the softmax in fp32 as in the fused kernel
-    a = (q @ k.transpose(-1, -2)).float() * (q.shape[-1] ** -0.5)  # (B, H, N, N)
-    return a.softmax(-1).to(v.dtype) @ v
+    a = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (B, H, N, N); scaling q is N/C times less work
+    return a.softmax(-1, dtype=torch.float32).to(v.dtype) @ v
 
 
 class Attention(nn.Module):
@@ -64,8 +64,8 @@ class Attention(nn.Module):
         B, N, D = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, N, 3D)
         q, k, v = qkv.view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, N, C)
-        if q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled():
-            y = explicit_attention(q, k, v)  # the fused CPU kernel trains ~4x slower (bench.py --only=attention)
+        if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+            y = explicit_attention(q, k, v)  # the fused CPU kernel is slower in bf16 (bench.py --only=attention)
         else:
             y = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, C)
         return self.out_proj(y.transpose(1, 2).reshape(B, N, D))  # (B, N, D)

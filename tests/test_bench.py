@@ -15,6 +15,7 @@ def test_bench_quick_runs_and_outputs_agree(tmp_path):
     assert {r["precision"] for r in results["backbone"]} == {"fp32", "bf16"}
     for r in results["backbone"]:  # ours and Hugging Face on the same weights
         assert r["max_abs_diff"] < (1e-4 if r["precision"] == "fp32" else 5e-2), r
+        assert 0 < r["hf_matmul_share"] < 1, r  # smoke: the profile of Hugging Face's forward saw its matmuls
     exits = results["routing_detail"]["exits"]  # the forced judges did what they were told
     cfg_layers, first_routed = 8, 4  # the small preset
     assert exits == dict(all_layers=[cfg_layers], exit_at_K=[first_routed], no_token_selection=[cfg_layers],

@@ -17,17 +17,19 @@ of machine; absolute times are printed with the machine they were taken on.
      configuration in a fresh process.
   5. Multiply-adds per image: estimate_flops (the supplementary's formula plus the experts)
      against torch's FlopCounterMode on the model's own forward, for each exit layer.
-  6. Attention: torch's fused CPU kernel against the explicit matmuls vit.Attention uses in bf16
-     training on the CPU, at the small preset's training shape and ViT-L/14's inference shapes.
+  6. Attention: torch's fused CPU kernel against the explicit matmuls vit.Attention uses on the
+     CPU in bf16, at the small preset's training and evaluation shapes and ViT-L/14's.
   3b. (--only=exits) Layer exit under the profiler, per operator, T = K beside T = L.
   3c. The DFD-HR eval forward compiled (predict.py --compile) against eager.
   8. The default run's step (python train.py): data, forward, backward and optimizer time, and
-     one step's profile. (Section 7 of BENCHMARKS.md is bench_release.py.)
+     one step's profile; with --step_compiled, the step compiled (train.py --compile) against
+     eager. (Section 7 of BENCHMARKS.md is bench_release.py.)
 
     python bench.py            # the full run (each section's time is in BENCHMARKS.md)
     python bench.py --quick    # tiny shapes; tests/test_bench.py runs this
 """
 import json
+import math
 import os
 import platform
 import statistics
@@ -171,12 +173,12 @@ def bench_hardware(backbone_rows, shapes, *, matmul_n, repeats):
 
 
 def category(op):
-    if op in ("aten::addmm", "aten::mm") or "linear" in op:
+    if op in ("aten::addmm", "aten::mm", "aten::linear", "mkl::_mkl_linear", "mkldnn::_linear_pointwise"):
         return "matmul (addmm/mm, oneDNN linear)"
     if "CompiledFxGraph" in op:
         return "compiled kernels (fused element-wise, norms, softmax)"
     if "scaled_dot_product" in op or op in ("aten::bmm", "aten::_softmax", "aten::_softmax_backward_data"):
-        return "attention (sdpa; or bmm and softmax)"
+        return "attention (sdpa; or bmm and softmax)"  # the routers' few softmaxes land here too
     if "convolution" in op:
         return "patch embedding (conv)"
     if op in ("aten::copy_", "aten::_to_copy", "aten::to", "aten::clone", "aten::contiguous"):
@@ -494,8 +496,9 @@ def profile_default_step(steps, compiled=False, **overrides):
         step(net)
         pairs = [(sum(step()), sum(step(net))) for _ in range(steps)]
         eager_s, compiled_s = (statistics.median(column) for column in zip(*pairs))
+        repay = compile_s / (eager_s - compiled_s) if compiled_s < eager_s else math.inf  # never, if not faster
         detail["compiled"] = dict(eager_s=eager_s, compiled_s=compiled_s, eager_over_compiled=eager_s / compiled_s,
-                                  first_step_s=compile_s, steps_to_repay=compile_s / (eager_s - compiled_s))
+                                  first_step_s=compile_s, steps_to_repay=repay)
     return rows, detail
 
 

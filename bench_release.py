@@ -40,7 +40,7 @@ class Options:
     batches: str = "2,8"
     repeats: int = 2           # timed runs of each measurement, after one warm-up
     train: bool = True         # also time a training step
-    profile: bool = False      # also profile one training step of each: self CPU time by kind of operator
+    profile: bool = False      # with --train: also profile one training step of each, self CPU time by kind of operator
     malloc: str = "kept"       # "kept": freed memory kept for reuse in this process (speed.py), or glibc's "default"
     seed: int = 0
 

@@ -1,4 +1,4 @@
-"""Two CPU speed-ups that the scripts switch on; BENCHMARKS.md measures both.
+"""CPU speed-ups that the scripts switch on; BENCHMARKS.md measures them.
 
 keep_freed_memory: glibc's malloc serves each block above its mmap threshold (at most 32 MiB) with
 a fresh mapping and unmaps it on free, so every large tensor is page-faulted in again on each

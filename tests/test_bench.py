@@ -38,3 +38,16 @@ def test_bench_quick_exit_profile_sees_the_skipped_layers(tmp_path):
     d = results["exits"]
     matmul = next(r for r in d if r["op"] == "aten::addmm")  # half the small preset's layers are skipped
     assert 0.2 < 1 - matmul["exit_at_K_ms"] / matmul["all_layers_ms"] < 0.7
+
+
+def test_profile_kinds_name_the_kernels_of_each_path():
+    """bench.category, which every profile breakdown sums by: the linears of eager and compiled code
+    are matmuls, the explicit attention's bmm and softmax are attention, other names are not matmuls."""
+    import bench
+    kinds = {op: bench.category(op).split(" ")[0] for op in (
+        "aten::addmm", "aten::mm", "mkl::_mkl_linear", "mkldnn::_linear_pointwise", "aten::bmm", "aten::_softmax",
+        "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::upsample_bilinear2d", "aten::copy_")}
+    assert kinds == {"aten::addmm": "matmul", "aten::mm": "matmul", "mkl::_mkl_linear": "matmul",
+                     "mkldnn::_linear_pointwise": "matmul", "aten::bmm": "attention", "aten::_softmax": "attention",
+                     "aten::_scaled_dot_product_flash_attention_for_cpu": "attention",
+                     "aten::upsample_bilinear2d": "other", "aten::copy_": "copies"}

@@ -145,10 +145,13 @@ def test_short_run_learns(tmp_path):
 def test_compiled_training_steps_as_eager_training_does(tmp_path):
     """--compile: the same losses step by step as eager mode (the same Gumbel draws; steps 2 and 3
     see the weights the compiled backward and Adam made)."""
-    runs = {}
+    runs, graphs = {}, {}
     for mode in ("eager", "compiled"):
+        torch._dynamo.utils.counters.clear()
         train.main(TINY + ["--max_iters=3", f"--compile={mode == 'compiled'}", f"--out_dir={tmp_path / mode}"])
+        graphs[mode] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         runs[mode] = [h["loss"] for h in json.loads((tmp_path / mode / "history.json").read_text()) if "loss" in h]
+    assert graphs["eager"] == 0 and graphs["compiled"] > 0  # the compiled run did run compiled graphs
     assert len(runs["eager"]) == 3 and runs["compiled"] == pytest.approx(runs["eager"], abs=1e-5)
 
 

@@ -37,7 +37,7 @@ class Options:
     batch_size: int = 32
     device: str = "auto"       # "auto", "cpu", "cuda"
     dtype: str = "auto"        # "auto": as the run evaluated (its --dtype, train.py's rule), or "bf16", "fp32"
-    compile: bool = False      # speed.compile_for_inference: pays from ~22,000 frames at the small preset (BENCHMARKS.md 3c)
+    compile: bool = False      # speed.compile_for_inference: in bf16 pays from ~170 images (paper preset), ~26,000 frames (small)
 
 
 def load_model(path, device="cpu"):

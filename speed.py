@@ -35,14 +35,18 @@ def keep_freed_memory():
     return mallopt is not None and bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
 
 
+RECOMPILE_LIMIT = 64  # variants of one function: DFD-HR's per-layer code is one per layer index and branch (2 x 24)
+
+
 def compile_for_inference(model):
     """`model` in eval mode, compiled with its weights frozen in, as a function. Shapes are static:
     each new batch size or row count compiles once more (the first call of each takes seconds to
-    minutes). Inductor reads its freezing switch when it compiles, which is at a call."""
+    minutes), up to RECOMPILE_LIMIT variants of a function, past which dynamo runs it eagerly.
+    Inductor and dynamo read these switches when they compile, which is at a call."""
     compiled = torch.compile(model.eval(), dynamic=False)
 
     def run(*args, **kwargs):
-        with torch._inductor.config.patch(freezing=True):
+        with torch._inductor.config.patch(freezing=True), torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
             return compiled(*args, **kwargs)
     return run
 

@@ -46,6 +46,7 @@ import cli
 import speed
 import vit
 from dfdhr import DFDHR, dfdhr_loss, estimate_flops, force_exit, make_config
+from measure import breakdown, category, matmul_share, peak_rss_mib, precision, table, timed
 
 # Backbone shapes: ViT-B/16 and ViT-L/14 at 224 (CLIP); TINY for --quick.
 BACKBONES = {
@@ -53,24 +54,6 @@ BACKBONES = {
     "ViT-L/14": dict(width=1024, layers=24, heads=16, patch=14, image=224, proj=768),
 }
 TINY = {"tiny": dict(width=64, layers=2, heads=2, patch=8, image=32, proj=48)}
-
-
-def timed(fns, *, repeats, warmup=1, stat=statistics.median):
-    """Median (or `stat`) seconds of each callable; they run in turn, so a change of machine load hits all alike."""
-    for _ in range(warmup):
-        for f in fns:
-            f()
-    times = [[] for _ in fns]
-    for _ in range(repeats):
-        for t, f in zip(times, fns):
-            start = time.perf_counter()
-            f()
-            t.append(time.perf_counter() - start)
-    return [stat(t) for t in times]
-
-
-def precision(name):
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=name == "bf16")
 
 
 def machine():
@@ -170,45 +153,6 @@ def bench_hardware(backbone_rows, shapes, *, matmul_n, repeats):
                          fraction_of_peak=flops / r["ours_s"] / 1e9 / peak,
                          compiled_fraction_of_peak=flops / r["ours_compiled_s"] / 1e9 / peak))
     return rows, peaks
-
-
-def category(op):
-    if op in ("aten::addmm", "aten::mm", "aten::linear", "mkl::_mkl_linear", "mkldnn::_linear_pointwise"):
-        return "matmul (addmm/mm, oneDNN linear)"
-    if "CompiledFxGraph" in op:
-        return "compiled kernels (fused element-wise, norms, softmax)"
-    if "scaled_dot_product" in op or op in ("aten::bmm", "aten::_softmax", "aten::_softmax_backward_data"):
-        return "attention (sdpa; or bmm and softmax)"  # the routers' few softmaxes land here too
-    if "convolution" in op:
-        return "patch embedding (conv)"
-    if op in ("aten::copy_", "aten::_to_copy", "aten::to", "aten::clone", "aten::contiguous"):
-        return "copies and casts"
-    if "layer_norm" in op:
-        return "layer norm"
-    return "other (element-wise, views, ...)"
-
-
-def breakdown(prof, top):
-    """A profile's events (largest self CPU time first), its `top` operators, its time by kind
-    (`category`), and its total self time in µs."""
-    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-    total = sum(e.self_cpu_time_total for e in events)
-    ops = [dict(op=e.key, calls=e.count, self_ms=e.self_cpu_time_total / 1e3, share=e.self_cpu_time_total / total)
-           for e in events[:top]]
-    kinds = {}
-    for e in events:
-        kinds[category(e.key)] = kinds.get(category(e.key), 0) + e.self_cpu_time_total / 1e3
-    kinds = [dict(kind=k, self_ms=v, share=v * 1e3 / total) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])]
-    return events, ops, kinds, total
-
-
-def matmul_share(call):
-    """The share of one call's self CPU time that its matmuls take. HF time / ours can exceed
-    1 / share only if our matmuls run faster than Hugging Face's: the rest is all there is to save."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        call()
-    _, _, kinds, _ = breakdown(prof, 0)
-    return sum(k["share"] for k in kinds if k["kind"].startswith("matmul"))
 
 
 def profile(model, x, prec, shape, top=10):
@@ -313,8 +257,9 @@ def bench_compiled_model(cases, repeats):
         x = torch.randn(batch, 3, model.config.image_size, model.config.image_size)
         with torch.no_grad(), precision(prec):
             start = time.perf_counter()
-            diff = (compiled(x).logits.float() - model(x).logits.float()).abs().max().item()
+            first = compiled(x).logits.float()
             compile_s = time.perf_counter() - start
+            diff = (first - model(x).logits.float()).abs().max().item()
             t_eager, t_compiled = timed([lambda: model(x), lambda: compiled(x)], repeats=repeats)
         rows.append(dict(preset=preset, batch=batch, precision=prec, eager_s=t_eager, compiled_s=t_compiled,
                          eager_over_compiled=t_eager / t_compiled, compile_s=compile_s, max_abs_logit_diff=diff))
@@ -323,14 +268,6 @@ def bench_compiled_model(cases, repeats):
 
 
 # ----------------------------------------------------------------------------- 4. training
-
-def peak_rss_mib():
-    """This process's peak resident memory. Linux's ru_maxrss is not used: exec keeps the peak of
-    the parent that spawned the process (measured: every child started from the full run reported
-    the parent's 4.6 GB), while VmHWM belongs to the process's own address space."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024  # kB -> MiB
-
 
 def train_step(preset, batch, steps):
     """Run in a fresh process: step time and peak memory of forward + backward + Adam (fp32)."""
@@ -368,39 +305,7 @@ def bench_training(runs):
     return rows
 
 
-# ----------------------------------------------------------------------------- report
-
-def table(rows, columns):
-    def fmt(v):
-        return f"{v:.3g}" if isinstance(v, float) else str(v)
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def report_backbone(results, shapes, repeats, matmul_n, profiled):
-    results["backbone"], results["profile"] = bench_backbones(shapes, batches=(1, 8), repeats=repeats,
-                                                              profiled=profiled)
-    print("\n## 1. Backbone: Hugging Face time / ours (>= 1: ours not slower)\n")
-    print(table(results["backbone"], ["model", "batch", "precision", "hf_s", "ours_s", "ours_compiled_s",
-                                      "hf_over_ours", "hf_over_ours_compiled", "hf_matmul_share", "hf_over_its_matmuls",
-                                      "max_abs_diff", "max_abs_diff_compiled", "compile_s"]))
-
-    results["hardware"], results["matmul_peak"] = bench_hardware(results["backbone"], shapes, matmul_n=matmul_n,
-                                                                 repeats=20)
-    print(f"\n## 2. Against the hardware: matmul {matmul_n}² peak "
-          + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in results["matmul_peak"].items()) + "\n")
-    print(table(results["hardware"], ["model", "batch", "precision", "gflop", "gflop_s", "matmul_peak_gflop_s",
-                                      "fraction_of_peak", "compiled_fraction_of_peak"]))
-    name, batch = profiled
-    for prec, p in results["profile"].items():
-        print(f"\n### Profile: ours, {name}, batch {batch}, {prec}: {p['total_ms']:.0f} ms self CPU time; "
-              f"matmuls alone {p['gemm_gflop_s']:.0f} GFLOP/s, attention {p['attention_gflop_s']:.0f} GFLOP/s\n")
-        print(table(p["kinds"], ["kind", "self_ms", "share"]))
-        print()
-        print(table(p["ops"], ["op", "calls", "self_ms", "share"]))
-
-
+# ----------------------------------------------------------------------------- 5. multiply-adds
 
 def count_flops(preset):
     """Multiply-adds of one image (every view) by estimate_flops and by torch's FlopCounterMode on
@@ -420,6 +325,8 @@ def count_flops(preset):
                          counted_over_formula=f"{counted / formula:.4f}"))
     return rows
 
+
+# ----------------------------------------------------------------------------- 6. attention
 
 def bench_attention(repeats=20, inference_batches=(1, 2, 8)):
     """torch's fused CPU attention kernel against vit.explicit_attention (softmax(QKᵀ/√d)V, softmax
@@ -446,6 +353,8 @@ def bench_attention(repeats=20, inference_batches=(1, 2, 8)):
     return rows
 
 
+# ----------------------------------------------------------------------------- 8. the default run's step
+
 def profile_default_step(steps, compiled=False, **overrides):
     """Where a step of `python train.py` (the default run) spends its time: waiting for the batch
     (the data loader over prerendered frames), forward with the loss, backward, optimizer step.
@@ -461,7 +370,7 @@ def profile_default_step(steps, compiled=False, **overrides):
     synthetic.prerender([train_set])
     render_s = time.perf_counter() - start
     opt = train.optimizer(model, cfg)
-    bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and train.native_bf16(torch.device("cpu")))
+    bf16 = train.uses_bf16(cfg.dtype, torch.device("cpu"))
     stream = train.batches(train_set, cfg, step=0, rank=0, world=1)
     autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
 
@@ -500,6 +409,32 @@ def profile_default_step(steps, compiled=False, **overrides):
         detail["compiled"] = dict(eager_s=eager_s, compiled_s=compiled_s, eager_over_compiled=eager_s / compiled_s,
                                   first_step_s=compile_s, steps_to_repay=repay)
     return rows, detail
+
+
+# ----------------------------------------------------------------------------- report
+
+def report_backbone(results, shapes, repeats, matmul_n, profiled):
+    results["backbone"], results["profile"] = bench_backbones(shapes, batches=(1, 8), repeats=repeats,
+                                                              profiled=profiled)
+    print("\n## 1. Backbone: Hugging Face time / ours (>= 1: ours not slower)\n")
+    print(table(results["backbone"], ["model", "batch", "precision", "hf_s", "ours_s", "ours_compiled_s",
+                                      "hf_over_ours", "hf_over_ours_compiled", "hf_matmul_share", "hf_over_its_matmuls",
+                                      "max_abs_diff", "max_abs_diff_compiled", "compile_s"]))
+
+    results["hardware"], results["matmul_peak"] = bench_hardware(results["backbone"], shapes, matmul_n=matmul_n,
+                                                                 repeats=20)
+    print(f"\n## 2. Against the hardware: matmul {matmul_n}² peak "
+          + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in results["matmul_peak"].items()) + "\n")
+    print(table(results["hardware"], ["model", "batch", "precision", "gflop", "gflop_s", "matmul_peak_gflop_s",
+                                      "fraction_of_peak", "compiled_fraction_of_peak"]))
+    name, batch = profiled
+    for prec, p in results["profile"].items():
+        print(f"\n### Profile: ours, {name}, batch {batch}, {prec}: {p['total_ms']:.0f} ms self CPU time; "
+              f"matmuls alone {p['gemm_gflop_s']:.0f} GFLOP/s, attention {p['attention_gflop_s']:.0f} GFLOP/s\n")
+        print(table(p["kinds"], ["kind", "self_ms", "share"]))
+        print()
+        print(table(p["ops"], ["op", "calls", "self_ms", "share"]))
+
 
 
 def report_routing(results, preset, batch, repeats):

@@ -29,7 +29,7 @@ from torch import nn
 
 import cli
 import speed
-from bench import breakdown, table, timed
+from measure import breakdown, table, timed
 from dfdhr import DFDHR, dfdhr_loss, make_config
 from vit import load_clip
 
@@ -154,8 +154,8 @@ def train_step(model, loss_of, x, y):
     return step
 
 
-def measure(release, ours, batch, opts):
-    """One row: the two detectors timed in turn (bench.timed), medians of `repeats` after a warm-up."""
+def compare(release, ours, batch, opts):
+    """One row: the two detectors timed in turn (measure.timed), medians of `repeats` after a warm-up."""
     x = torch.randn(batch, 3, 448, 448, generator=torch.Generator().manual_seed(batch))
     y = torch.arange(batch) % 2
     release.eval(), ours.eval()
@@ -199,7 +199,7 @@ def main(argv):
     release, ours = build(opts)
     rows = []
     for batch in map(int, opts.batches.split(",")):
-        rows.append(measure(release, ours, batch, opts))
+        rows.append(compare(release, ours, batch, opts))
         print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rows[-1].items()),
               flush=True)
     return rows

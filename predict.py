@@ -82,8 +82,7 @@ def main(argv):
     speed.keep_freed_memory()
     device = "cuda" if opts.device == "cuda" or (opts.device == "auto" and torch.cuda.is_available()) else "cpu"
     model, run_settings = load_model(opts.checkpoint or Path(opts.out_dir) / "best.pt", device)
-    dtype = run_settings.dtype if opts.dtype == "auto" else opts.dtype
-    bf16 = dtype == "bf16" or (dtype == "auto" and train.native_bf16(torch.device(device)))
+    bf16 = train.uses_bf16(run_settings.dtype if opts.dtype == "auto" else opts.dtype, torch.device(device))
     run = speed.compile_for_inference(model) if opts.compile else model
     rows, results = [], {}
     for path in inputs(opts.input):

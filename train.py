@@ -365,9 +365,11 @@ def resume(path, cfg_given, model_given):
 
 # ------------------------------------------------------------------------------ training
 
-def native_bf16(dev):
-    """Whether the device computes in bf16 natively (a recent GPU; a CPU with AVX512-BF16 or AMX):
-    there bf16 autocast is faster than fp32."""
+def uses_bf16(dtype, dev):
+    """Whether `--dtype` computes in bf16 autocast on `dev`: "bf16", or "auto" where the device
+    computes in bf16 natively (a recent GPU; a CPU with AVX512-BF16 or AMX), there faster than fp32."""
+    if dtype != "auto":
+        return dtype == "bf16"
     if dev.type == "cuda":
         return torch.cuda.is_bf16_supported()
     return getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
@@ -391,7 +393,7 @@ def main(argv):
     else:
         rank, world = 0, 1
     dev = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
-    bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and native_bf16(dev))
+    bf16 = uses_bf16(cfg.dtype, dev)
     autocast = lambda: torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
 
     torch.manual_seed(cfg.seed)

@@ -41,10 +41,10 @@ def test_bench_quick_exit_profile_sees_the_skipped_layers(tmp_path):
 
 
 def test_profile_kinds_name_the_kernels_of_each_path():
-    """bench.category, which every profile breakdown sums by: the linears of eager and compiled code
+    """measure.category, which every profile breakdown sums by: the linears of eager and compiled code
     are matmuls, the explicit attention's bmm and softmax are attention, other names are not matmuls."""
-    import bench
-    kinds = {op: bench.category(op).split(" ")[0] for op in (
+    import measure
+    kinds = {op: measure.category(op).split(" ")[0] for op in (
         "aten::addmm", "aten::mm", "mkl::_mkl_linear", "mkldnn::_linear_pointwise", "aten::bmm", "aten::_softmax",
         "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::upsample_bilinear2d", "aten::copy_")}
     assert kinds == {"aten::addmm": "matmul", "aten::mm": "matmul", "mkl::_mkl_linear": "matmul",

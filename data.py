@@ -1,10 +1,10 @@
 """Face-forgery data for DFD-HR: frame folders, DeepfakeBench JSON files, and the training
-augmentation of the paper's runs (DeepfakeBench's). The built-in synthetic benchmark is in synthetic.py.
+augmentation of the paper's runs (DeepfakeBench's). The built-in synthetic benchmark is in synthetic/.
 
 The paper trains on FaceForensics++ (c23) face crops and tests across methods and data sets;
 its released code reads DeepfakeBench's preprocessed JSON files (`DeepfakeBenchJSON`).
 
-Every data set returns {"image": (C, S, S) CLIP-normalised, "label": 0 real / 1 fake,
+Every data set returns {"image": (3, S, S) CLIP-normalised, "label": 0 real / 1 fake,
 "video": unique video id, "method": "real" or the forgery, "source": file or synthetic key}.
 Letters: H, W image height and width (H = W = S, the input size), C = 3 colour channels.
 """
@@ -24,7 +24,7 @@ from vit import CLIP_MEAN, CLIP_STD
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _MEAN, _STD = np.array(CLIP_MEAN, np.float32), np.array(CLIP_STD, np.float32)
-_AUGMENT, _HOLD_OUT = 5, 6  # random streams of the augmentation and the validation split, apart from synthetic.py's
+_AUGMENT, _HOLD_OUT = 5, 6  # random streams of the augmentation and the validation split, apart from synthetic/'s
 MIN_SIDE = 16  # a smaller image cannot be a face crop: it is skipped like an unreadable one
 
 

@@ -2,23 +2,32 @@
 
 `DFDHR.forward` follows the paper's method figure from left to right:
   1. Multi-Scale Fusion: the 448 face crop becomes the original image, resized to the backbone's
-     224 (`global_view`), and the split images, its four 224 quadrants stacked on the batch axis
-     (`split_2x2`). One backbone runs both, the original image first.
+     224 (`original_image`), and the split images, its four 224 quadrants stacked on the batch axis
+     (`split_images`). One backbone runs both, the original image first.
   2. The routed encoder (`DFDHR.encode`), the figure's "i-th layer" for i = 0..L-1: a mixture of
      adapters after attention and after the MLP in every layer (Token-level Expert Routing); in
      the routed layers K..L-1 a layer judge may end the sample's pass (Early Layer Pruning) and a
-     token judge keeps the top tokens (Token Selection).
+     token judge keeps the top n̂ tokens (Token Selection).
   3. The original image's final CLS is the global query: the split images' tokens are ranked by
      their cosine similarity to it, and the token judges learn that order (L_rank).
-  4. Query pooling of the four split CLS, concatenation with the global CLS, a linear head;
-     L = L_cls + λ·L_rank (`dfdhr_loss`).
+  4. Query pooling of the four split CLS, concatenation with the original image's CLS, a linear
+     head; L = L_cls + λ·L_rank (`dfdhr_loss`).
 
 At inference an exited sample and a dropped token cost nothing: routed layers run on the active
 rows and kept tokens only. In training every row runs every layer, since the straight-through
 update H' = p·Layer(H) + (1-p)·H needs Layer(H) for the judge's gradient.
 
-Letters: B batch, V views (1 global + 4 splits), L layers, R routed layers, N tokens, K kept
-tokens, D width, C projection width, E experts.
+Glossary, the paper's, used in this sense by every module of the project:
+  B batch                    V views of a sample: the original image and the four split images (V = 5)
+  L layers                   K the first routed layer: layers K..L-1 are routed (paper: 20 of 24)
+  N tokens, 1 CLS + patches  n̂ kept tokens of Token Selection, ⌊keep_ratio·N⌋ (paper: 192 of 257)
+  D width                    H heads, each D/H wide
+  E experts                  r adapter rank, the bottleneck of an expert (paper: 256)
+  P CLIP's projection width  T exit layer: the first block a view skipped (T = L: it skipped none)
+  "original image"           the face crop resized to the backbone's input (one view)
+  "split images"             the crop's four quadrants at the backbone's input size (four views)
+  S the side of an input image: (B, 3, S, S); C = 3 its colour channels where a data module names them
+  ddp_rank                   a process's place under DistributedDataParallel (never "rank" alone)
 """
 import math
 from dataclasses import dataclass, replace
@@ -41,12 +50,12 @@ class DFDHRConfig:
     width: int = 1024             # D
     layers: int = 24              # L
     heads: int = 16               # ViT-L/14: 1024 / 64
-    embed_dim: int = 768          # C, CLIP projection output
+    embed_dim: int = 768          # P, CLIP's projection width
     # Multi-Scale Fusion.
     image_size: int = 448         # input face crop, split 2×2 into view_size crops (paper)
     multi_scale: bool = True      # False: the original image only (the baseline)
     pool_heads: int = 4           # heads of the query pooling of the split CLS (released code)
-    route_global: bool = True     # supp. Tab. B "Split+Origin": routers also in the original image's branch
+    route_original: bool = True   # supp. Tab. B "Split+Origin": routers also in the original image's branch
     share_routers: bool = True    # supp. Tab. B "w.i. shared": one set of judges and experts for both branches
     # Early Layer Pruning.
     layer_pruning: bool = True
@@ -59,18 +68,19 @@ class DFDHRConfig:
     route_last_layer: bool = True  # released code: False, layer L-1 runs for every sample, unrouted
     # Token Selection.
     token_selection: bool = True
-    keep_ratio: float = 0.75      # 1 - R%: k = ⌊0.75·257⌋ = 192 (paper)
+    keep_ratio: float = 0.75      # 1 - R%: n̂ = ⌊0.75·257⌋ = 192 (paper)
     cls_eligible: bool = True     # supp. Tab. C(a) "CLS+Patch": CLS is scored like any token
     post_weight: bool = True      # supp. Tab. C(b): weight kept tokens by 1 + softmax after the block
     share_token_judges: bool = False  # supp. Tab. C(c) "w.i. shared": one token judge for all routed layers
     rank_weight: float = 0.1      # λ of L = L_cls + λ·L_rank (released code)
-    rank_temperature: float = 0.1  # soft-rank temperature, in units of the scores' std (routing.py)
+    rank_temperature: float = 0.1  # soft-rank temperature in units of the scores' std (routing.soft_rank): wide
+                                   # enough that a token's gradient reaches its neighbours in rank order
     soft_rank: bool = True        # released code: False, argsort ranks (no gradient reaches the judges)
     rank_all_layers: bool = True  # L_rank averaged over the routed layers; released code: False, layer K only
     # Token-level Expert Routing.
     expert_routing: bool = True
     num_experts: int = 4          # E (paper)
-    adapter_rank: int = 256       # adapter bottleneck D -> 256 -> D (released code)
+    adapter_rank: int = 256       # r: adapter bottleneck D -> r -> D (released code)
     gate_noise: bool = True       # the noisy gate of Eq. 13 in training; released code: False
     # Training.
     freeze_backbone: bool = True  # released code; False = full fine-tuning (the paper's baseline, lr 1e-6)
@@ -114,12 +124,16 @@ class DFDHRConfig:
 PRESETS = {
     "paper": DFDHRConfig(),
     # Small enough for 2 CPU cores: 64 px views of 8 px patches (N = 65), 8 layers of width 128 with
-    # OpenAI's head width of 64, the last four routed as in the paper. Its CLS (norm 14-22) gives the
-    # judges logits near 1 at init: the training gate would fire with σ(1) = 0.73 per layer and 73 %
-    # of training views would leave by layer 7, where inference runs them all; ×4 starts at 0.95-0.99.
+    # OpenAI's head width of 64, the last four routed as in the paper. Its judges start with logits
+    # near 1, where the training gate, which fires with σ(logit), would send many training views out
+    # early while inference runs them all; ×4 starts them near certain to run (README, "Judge
+    # initialisation").
     "small": DFDHRConfig(view_size=64, patch_size=8, width=128, layers=8, heads=2, embed_dim=128, image_size=128,
                          first_routed_layer=4, judge_hidden=32, adapter_rank=32, judge_init_gain=4.0),
 }
+# The small preset's pretrained backbone (synthetic/pretrain.py), relative to the repository root,
+# where the README's commands run.
+SMALL_BACKBONE = "weights/small_clip.pt"
 
 # Each row of the paper's ablations as a change of the config. The paper's main ablation adds one
 # router at a time to the baseline, full fine-tuning of the original image at lr 1e-6; rows without
@@ -134,7 +148,7 @@ ABLATIONS = {
     "fusion_only": dict(layer_pruning=False, token_selection=False, expert_routing=False, freeze_backbone=False),
     "full": dict(),
     # supp. Tab. B
-    "split_only": dict(route_global=False),
+    "split_only": dict(route_original=False),
     "separate_routers": dict(share_routers=False),
     # supp. Tab. C
     "patch_only": dict(cls_eligible=False),
@@ -186,7 +200,7 @@ def estimate_flops(config, exit_layer=None):
 # The model
 # ---------------------------------------------------------------------------------------------
 
-def global_view(x, size):
+def original_image(x, size):
     """The original image of Multi-Scale Fusion: the face crop resized to the backbone's input,
     bicubic without antialiasing as the released code (an antialias filter removes the high
     frequencies that carry forgery cues). (B, 3, S, S) -> (B, 3, size, size)."""
@@ -195,39 +209,63 @@ def global_view(x, size):
     return F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
 
 
-def split_2x2(x):  # (B, 3, 2v, 2v) -> (4B, 3, v, v), the four crops of a sample adjacent, row-major
-    B, C, S, _ = x.shape
+def split_images(x):  # (B, 3, 2v, 2v) -> (4B, 3, v, v), the four quadrants of a sample adjacent, row-major
+    B, _, S, _ = x.shape
     v = S // 2
-    return x.view(B, C, 2, v, 2, v).permute(0, 2, 4, 1, 3, 5).reshape(B * 4, C, v, v)
+    return x.view(B, 3, 2, v, 2, v).permute(0, 2, 4, 1, 3, 5).reshape(B * 4, 3, v, v)
 
 
-def by_view(glob, local=None):  # original (B, ...) and split (4B, ...) -> (B, V, ...), V = 1 + 4
-    if local is None:
-        return glob[:, None]
-    return torch.cat([glob[:, None], local.view(len(glob), 4, *local.shape[1:])], 1)
+def by_view(orig, split=None):  # original (B, ...) and split (4B, ...) -> (B, V, ...), V = 1 + 4
+    if split is None:
+        return orig[:, None]
+    return torch.cat([orig[:, None], split.view(len(orig), 4, *split.shape[1:])], 1)
 
 
-class Routers(nn.Module):
-    """One branch's routers: layer and token judges for the routed layers, experts for every layer."""
+class ExpertPair(nn.Module):
+    """A layer's two mixtures of adapters (Token-level Expert Routing): after attention, after the MLP."""
 
     def __init__(self, config):
         super().__init__()
-        D, R = config.width, len(config.routed_layers)
+        moa = dict(dim=config.width, num_experts=config.num_experts, adapter_rank=config.adapter_rank,
+                   noise=config.gate_noise)
+        self.after_attn, self.after_mlp = MixtureOfAdapters(**moa), MixtureOfAdapters(**moa)
+
+
+class Routers(nn.Module):
+    """One branch's routers: a layer judge and a token judge per routed layer, an expert pair per
+    layer, each kind present where the config switches it on (`on=False`: a branch that does not
+    route). Asked for layer i, each answers None where it is off or i is not a routed layer."""
+
+    def __init__(self, config, *, on=True):
+        super().__init__()
+        self.on, self.routed = on and config.routing, config.routed_layers
+        D, n = config.width, len(self.routed)
         judge = dict(dim=D, hidden=config.judge_hidden, init_gain=config.judge_init_gain)
-        self.layer_judges = nn.ModuleList(LayerJudge(**judge) for _ in range(R)) if config.layer_pruning else None
-        if config.token_selection:  # supp. Tab. C(c): one judge for every routed layer, or one each
-            judges = [TokenJudge(dim=D)] * R if config.share_token_judges else [TokenJudge(dim=D) for _ in range(R)]
+        self.layer_judges = nn.ModuleList(LayerJudge(**judge) for _ in range(n)) \
+            if on and config.layer_pruning else None
+        if on and config.token_selection:  # supp. Tab. C(c): one judge for every routed layer, or one each
+            judges = [TokenJudge(dim=D)] * n if config.share_token_judges else [TokenJudge(dim=D) for _ in range(n)]
             self.token_judges = nn.ModuleList(judges)
         else:
             self.token_judges = None
-        self.experts = nn.ModuleList(  # per layer: after attention, after the MLP
-            nn.ModuleList(MixtureOfAdapters(dim=D, num_experts=config.num_experts, rank=config.adapter_rank,
-                                            noise=config.gate_noise) for _ in range(2))
-            for _ in range(config.layers)) if config.expert_routing else None
+        self.experts = nn.ModuleList(ExpertPair(config) for _ in range(config.layers)) \
+            if on and config.expert_routing else None
+
+    def _routed(self, judges, i):
+        return judges[i - self.routed.start] if judges is not None and i in self.routed else None
+
+    def layer_judge(self, i):
+        return self._routed(self.layer_judges, i)
+
+    def token_judge(self, i):
+        return self._routed(self.token_judges, i)
+
+    def experts_at(self, i):
+        return self.experts[i] if self.experts is not None else None
 
 
 class QueryPooling(nn.Module):
-    """The figure's "Q": a learned query attends over the split images' CLS, (B, 4, C) -> (B, C)."""
+    """The figure's "Q": a learned query attends over the split images' CLS, (B, 4, P) -> (B, P)."""
 
     def __init__(self, dim, heads):
         super().__init__()
@@ -235,14 +273,14 @@ class QueryPooling(nn.Module):
         self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
 
     def forward(self, tokens):
-        query = self.query.repeat(len(tokens), 1, 1).to(tokens.dtype)  # (B, 1, C), a copy: hooks may edit it
+        query = self.query.repeat(len(tokens), 1, 1).to(tokens.dtype)  # (B, 1, P)
         return self.attn(query, tokens, tokens, need_weights=False)[0][:, 0]
 
 
 class LayerOut(NamedTuple):
     h: torch.Tensor        # (b, N, D) Layer_i(H_i)
     gates: torch.Tensor    # (b, 2, E) mean expert weights after attention and after the MLP, or None
-    kept: torch.Tensor     # (b, K) kept tokens in a routed layer with token selection, or None
+    kept: torch.Tensor     # (b, n̂) kept tokens in a routed layer with token selection, or None
     scores: torch.Tensor   # (b, N) the token judge's scores, or None
 
 
@@ -260,8 +298,8 @@ def on_active_rows(layer, h, active):
 
 class Encoded(NamedTuple):
     cls: torch.Tensor         # (B, D) final CLS, before ln_post
-    exit_layer: torch.Tensor  # (B,) number of routed-range blocks run: L (or K..L-1 after an exit)
-    kept: list                # per routed layer (B, K) kept token indices, -1 where exited or unrouted
+    exit_layer: torch.Tensor  # (B,) T, the first block the view skipped; L where it skipped none
+    kept: list                # per routed layer (B, n̂) kept token indices, -1 where exited or unrouted
     gates: torch.Tensor       # (B, L, 2, E) mean expert gate weights, NaN where skipped or without experts
     ranked: list              # training: per routed layer (scores (B, N), input tokens (B, N, D)) for L_rank
     flops: torch.Tensor       # (B,) multiply-adds spent (estimate_flops at the exit layer)
@@ -270,8 +308,8 @@ class Encoded(NamedTuple):
 class DFDHROutput(NamedTuple):
     logits: torch.Tensor      # (B, 2)
     rank_loss: torch.Tensor   # () L_rank
-    exit_layer: torch.Tensor  # (B, V) per view; V = 1 (original image) + 4 (splits, row-major)
-    kept: list                # per routed layer (B, V, K) kept token indices, -1 where exited
+    exit_layer: torch.Tensor  # (B, V) T per view; V = 1 (original image) + 4 (split images, row-major)
+    kept: list                # per routed layer (B, V, n̂) kept token indices, -1 where exited
     gates: torch.Tensor       # (B, V, L, 2, E) mean expert gate weights, NaN where skipped
     flops: torch.Tensor       # (B,) multiply-adds spent over all views (estimate_flops at each exit)
 
@@ -319,26 +357,28 @@ class DFDHR(nn.Module):
                              image_size=2 * backbone.image_size if config.multi_scale else backbone.image_size)
         self.config = config
         self.backbone = backbone.requires_grad_(not config.freeze_backbone)
-        routed_global = config.routing and (config.route_global or not config.multi_scale)
-        routed_local = config.routing and config.multi_scale
-        self.global_routers = Routers(config) if routed_global else None
-        if routed_local and routed_global and config.share_routers:  # supp. Tab. B "w.i. shared"
-            self.local_routers = self.global_routers
+        routes_original = config.route_original or not config.multi_scale
+        self.original_routers = Routers(config, on=routes_original)
+        if config.multi_scale and routes_original and config.share_routers:  # supp. Tab. B "w.i. shared"
+            self.split_routers = self.original_routers
         else:
-            self.local_routers = Routers(config) if routed_local else None
-        C = config.embed_dim
-        self.pool = QueryPooling(C, config.pool_heads) if config.multi_scale else None
-        self.head = nn.Linear(2 * C if config.multi_scale else C, config.num_classes)
+            self.split_routers = Routers(config, on=config.multi_scale)
+        P = config.embed_dim
+        self.pool = QueryPooling(P, config.pool_heads) if config.multi_scale else None
+        self.head = nn.Linear(2 * P if config.multi_scale else P, config.num_classes)
+
+    def branches(self):
+        """The routers that route, each once (the two branches share one set by default)."""
+        return [r for r in dict.fromkeys((self.original_routers, self.split_routers)) if r.on]
 
     def param_groups(self, *, lr, backbone_lr):
         """One optimizer group per role: backbone, layer_judges, token_judges, experts, fusion, head."""
-        branches = {id(r): r for r in (self.global_routers, self.local_routers) if r is not None}.values()
         roles = {"backbone": [self.backbone], "fusion": [self.pool], "head": [self.head],
-                 **{role: [getattr(r, role) for r in branches] for role in ("layer_judges", "token_judges", "experts")}}
-        groups, seen = [], set()
+                 **{role: [getattr(r, role) for r in self.branches()]
+                    for role in ("layer_judges", "token_judges", "experts")}}
+        groups = []
         for role, modules in roles.items():
-            params = [p for m in modules if m is not None for p in m.parameters() if p.requires_grad and id(p) not in seen]
-            seen.update(id(p) for p in params)
+            params = [p for m in modules if m is not None for p in m.parameters() if p.requires_grad]
             if params:
                 groups.append(dict(name=role, params=params, lr=backbone_lr if role == "backbone" else lr))
         return groups
@@ -351,25 +391,23 @@ class DFDHR(nn.Module):
         if experts is None:
             x = x + a
             return x + blk.mlp(blk.ln_2(x)), None
-        a, g_attn = experts[0](a)
+        a, g_attn = experts.after_attn(a)
         x = x + a
-        m, g_mlp = experts[1](blk.mlp(blk.ln_2(x)))
+        m, g_mlp = experts.after_mlp(blk.mlp(blk.ln_2(x)))
         return x + m, torch.stack([g_attn.mean(1), g_mlp.mean(1)], 1).detach()
 
     def layer(self, i, routers, h):
         """Layer i on the rows h (b, N, D): Token Selection in a routed layer, experts in every layer."""
-        cfg = self.config
-        experts = routers.experts[i] if routers is not None and routers.experts is not None else None
-        if routers is None or routers.token_judges is None or i not in cfg.routed_layers:
-            out, gates = self.block(i, h, experts)
-            return LayerOut(out, gates, None, None)
-        scores = routers.token_judges[i - cfg.first_routed_layer](h)  # (b, N)
+        cfg, experts, judge = self.config, routers.experts_at(i), routers.token_judge(i)
+        if judge is None:
+            return LayerOut(*self.block(i, h, experts), None, None)
+        scores = judge(h)  # (b, N)
         sel = run_on_selected(h, scores, lambda t: self.block(i, t, experts), keep=cfg.keep_ratio,
                               cls_eligible=cfg.cls_eligible, post_weight=cfg.post_weight)
         return LayerOut(sel.out, sel.aux, sel.idx, scores)
 
     def encode(self, x, routers):
-        """One view through the routed backbone: (B, 3, v, v) -> Encoded; `routers` None runs it plainly."""
+        """One view through the backbone and a branch's routers: (B, 3, v, v) -> Encoded."""
         cfg = self.config
         L, K, routed = cfg.layers, cfg.first_routed_layer, cfg.routed_layers
         h = self.backbone.embed(x)  # (B, N, D)
@@ -382,8 +420,7 @@ class DFDHR(nn.Module):
         ranked = []
         for i in range(L):
             h_in = h  # (B, N, D) the layer's input, ranked by L_rank
-            judge = routers.layer_judges[i - K] if routers is not None and routers.layer_judges is not None \
-                and i in routed else None
+            judge = routers.layer_judge(i)
             if judge is None:
                 out = self.layer(i, routers, h)
                 h = out.h
@@ -404,24 +441,25 @@ class DFDHR(nn.Module):
                 kept[i - K] = out.kept.masked_fill(~ran[:, None], -1)
                 if self.training:
                     ranked.append((out.scores, h_in))
-        spent = cfg if routers is not None else replace(cfg, token_selection=False, expert_routing=False)
+        spent = replace(cfg, token_selection=routers.token_judges is not None,
+                        expert_routing=routers.experts is not None)  # what this branch's routers run
         return Encoded(h[:, 0], exit_layer, kept, gates, ranked, estimate_flops(spent, exit_layer))
 
     def forward(self, x):  # (B, 3, S, S) CLIP-normalised face crops, S = image_size
         cfg = self.config
         if x.shape[-2:] != (cfg.image_size, cfg.image_size):
             raise ValueError(f"expected {cfg.image_size}x{cfg.image_size} input, got {tuple(x.shape[-2:])}")
-        glob = self.encode(global_view(x, cfg.view_size), self.global_routers)  # the original image
-        features = [self.backbone.project(glob.cls)]  # (B, C)
+        orig = self.encode(original_image(x, cfg.view_size), self.original_routers)
+        features = [self.backbone.project(orig.cls)]  # (B, P)
         if cfg.multi_scale:
-            local = self.encode(split_2x2(x), self.local_routers)  # the split images, (4B, ...)
-            query = glob.cls.detach().repeat_interleave(4, 0)  # (4B, D) the global query, one per split
-            rank = rank_loss(local.ranked, query, cfg)
-            features.append(self.pool(self.backbone.project(local.cls).view(len(x), 4, -1)))  # (B, C)
+            split = self.encode(split_images(x), self.split_routers)  # (4B, ...)
+            query = orig.cls.detach().repeat_interleave(4, 0)  # (4B, D) the global query, one per split image
+            rank = rank_loss(split.ranked, query, cfg)
+            features.append(self.pool(self.backbone.project(split.cls).view(len(x), 4, -1)))  # (B, P)
         else:  # one view: its own final CLS is the query
-            local, rank = None, rank_loss(glob.ranked, glob.cls.detach(), cfg)
+            split, rank = None, rank_loss(orig.ranked, orig.cls.detach(), cfg)
         logits = self.head(torch.cat(features, -1))  # (B, 2)
-        views = (glob, local) if local is not None else (glob,)
+        views = (orig, split) if split is not None else (orig,)
         return DFDHROutput(logits=logits, rank_loss=rank,
                            exit_layer=by_view(*(v.exit_layer for v in views)),
                            kept=[by_view(*ks) for ks in zip(*(v.kept for v in views))],
@@ -451,7 +489,7 @@ class ConstantJudge(nn.Module):
 def force_exit(model, T):
     """Make every view of every sample exit at layer T (T = L: none exits), for measuring the cost
     of an exit (supp. "Computing Cost Estimation"): the layer judges become constant ones."""
-    for routers in {id(r): r for r in (model.global_routers, model.local_routers) if r is not None}.values():
-        for r, layer in enumerate(model.config.routed_layers):
-            routers.layer_judges[r] = ConstantJudge(10.0 if layer < T else -10.0)
+    for routers in model.branches():
+        for j, layer in enumerate(model.config.routed_layers):
+            routers.layer_judges[j] = ConstantJudge(10.0 if layer < T else -10.0)
     return model

@@ -1,4 +1,4 @@
-"""Figures of a DFD-HR run, after the paper's analyses, drawn from train.evaluate()'s metrics.
+"""Figures of a DFD-HR run, after the paper's analyses, drawn from evaluate.py's metrics.
 
   exit_layers       supp. Fig. A (main Fig. 5(a)): at which layer real and fake samples exit
   gate_weights      supp. Tab. D (main Fig. 5(b)) as bars: mean expert gate weight, real / fake / per method
@@ -11,8 +11,9 @@
   write_run_figures all of them as PNG files in out_dir/figures/, plus gate_weights.md
 
 Figures are built on matplotlib's Agg canvas directly, so importing this module leaves pyplot's
-backend alone. Layers are numbered from 0 as in dfdhr.py: "exit at layer T" means blocks
-0..T-1 ran; T = L means the sample ran every layer.
+backend alone. Layers are numbered from 0 as in dfdhr.py: "exit at layer T" means block T was the
+first the sample skipped (it skipped the routed layers T.. from there on; an unrouted last layer,
+as in the released code, still ran); T = L means it skipped none.
 """
 import json
 import re
@@ -27,7 +28,7 @@ from sklearn.metrics import auc, roc_curve
 
 import synthetic
 from data import to_input
-from dfdhr import global_view
+from dfdhr import original_image
 from vit import CLIP_MEAN, CLIP_STD
 
 REAL = "#1f77b4"  # blue, every real sample in every figure
@@ -48,7 +49,7 @@ def _figure(width, height):
 # ----------------------------------------------------------------------------- layers (supp. Fig. A)
 
 def exit_layers(metrics, title):
-    """Share of real and of fake test images that exit at each layer (global view, supp. Fig. A)."""
+    """Share of real and of fake test images that exit at each layer (original image, supp. Fig. A)."""
     ex = metrics["exit_layers"]
     layers, L = np.array(ex["layers"]), ex["layers"][-1]
     fig = _figure(6, 3.6)
@@ -61,7 +62,7 @@ def exit_layers(metrics, title):
         ax.bar_label(bars, [f"{int(c)}" if c else "" for c in counts], fontsize=8, padding=1)
     ax.set_xticks(layers, [f"{t}" if t < L else f"{t}\n(all ran)" for t in layers])
     no_exit = ex["real"][-1] + ex["fake"][-1] == sum(ex["real"]) + sum(ex["fake"])
-    ax.set(xlabel="exit layer T (blocks 0..T-1 ran)", ylabel="share of the class's images (%)", ylim=(0, 112),
+    ax.set(xlabel="exit layer T (the first block skipped)", ylabel="share of the class's images (%)", ylim=(0, 112),
            title=title + ("\n(no image exited early)" if no_exit else ""))
     ax.legend(loc="best", fontsize=9, title="bar labels: image counts", title_fontsize=8)
     return fig
@@ -136,9 +137,9 @@ def roc(metrics_by_set):
 
 
 def training_curves(history):
-    """L, CE and L_rank (unweighted) per step, raw and as a running mean; video AUC per test set at epoch ends."""
-    steps = [h for h in history if "loss" in h]
-    evals = [h for h in history if "epoch" in h]
+    """L, CE and L_rank (unweighted) per step, raw and as a running mean; video AUC per test set at
+    epoch ends. history: train.py's {"steps": [...], "evals": [...]}."""
+    steps, evals = history["steps"], history["evals"]
     fig = _figure(10, 3.8)
     ax, bx = fig.subplots(1, 2)
     x = np.array([h["step"] for h in steps])
@@ -153,16 +154,16 @@ def training_curves(history):
            title="training losses" + (f" (faint: per step, solid: mean of {window})" if window > 1 else ""))
     if steps:
         ax.legend(fontsize=8)
-    names = dict.fromkeys(k[:-len("/video_auc")] for h in evals for k in h if k.endswith("/video_auc"))
+    names = dict.fromkeys(name for h in evals for name in h["video_auc"])
     for i, name in enumerate(names):
-        pts = [(h["step"], h[f"{name}/video_auc"]) for h in evals if h.get(f"{name}/video_auc") is not None]
+        pts = [(h["step"], h["video_auc"][name]) for h in evals if h["video_auc"].get(name) is not None]
         if pts:
             bx.plot(*zip(*pts), marker="o", color=SETS[i % len(SETS)], label=name)
         else:
             bx.plot([], [], " ", label=f"{name}: one class, no AUC")
     bx.axhline(0.5, color="grey", lw=0.8, ls=":", label="chance")
     bx.set(xlabel="step", ylabel="video AUC", title="video AUC per test set at epoch ends", ylim=(0, 1.05),
-           xlim=(0, max([h["step"] for h in history], default=1) * 1.03))
+           xlim=(0, max([h["step"] for h in steps + evals], default=1) * 1.03))
     bx.legend(fontsize=8, loc="lower right")
     for axis in (ax, bx):
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -178,7 +179,7 @@ def to_display(image):
 
 
 def kept_mask(idx, grid):
-    """Kept token indices (K,) -> (grid, grid) bool of kept patches and whether CLS was kept.
+    """Kept token indices (n̂,) -> (grid, grid) bool of kept patches and whether CLS was kept.
 
     Token 0 is CLS, token t >= 1 is patch t-1 in row-major order; -1 (sample had exited) keeps none.
     """
@@ -197,7 +198,7 @@ def _pick(dataset, n):  # n sample indices, half real and half fake (as far as e
 
 
 def forged_region(dataset, indices, items, size):
-    """Per face, where its forgery changed the global view ((size, size) bool), for the synthetic
+    """Per face, where its forgery changed the original image ((size, size) bool), for the synthetic
     benchmark, which can draw a frame unforged; None for real faces and for other data."""
     out = []
     for i, it in zip(indices, items):
@@ -205,7 +206,7 @@ def forged_region(dataset, indices, items, size):
             out.append(None)
             continue
         pristine = to_input(dataset.image(i, forged=False), it["image"].shape[-1])
-        views = global_view(torch.stack([it["image"], pristine]).float(), size)  # (2, 3, size, size)
+        views = original_image(torch.stack([it["image"], pristine]).float(), size)  # (2, 3, size, size)
         # in CLIP-normalised units; a self-blend onto an altered target changes all but the blended
         # region: either way the outline is the blending seam
         out.append(((views[0] - views[1]).abs().mean(0) > 0.15).numpy())
@@ -216,7 +217,7 @@ def forged_region(dataset, indices, items, size):
 def overlay_data(model, dataset, n=4):
     """What token_overlays draws, as plain data (train.py stores it as overlays.json): for n test
     faces (half real, half fake) their index in `dataset`, fake probability, exit layer of the
-    global view, and for each routed layer the token indices it kept (−1 where it had exited)."""
+    original image, and for each routed layer the token indices it kept (−1 where it had exited)."""
     picks = _pick(dataset, n)
     batch = torch.stack([dataset[i]["image"] for i in picks]).to(next(model.parameters()).device)
     prob, out = model.predict(batch)
@@ -227,16 +228,16 @@ def overlay_data(model, dataset, n=4):
 
 
 def token_overlays(overlays, dataset):
-    """supp. Fig. B style, from overlay_data(model, dataset): each test face's global view with its
+    """supp. Fig. B style, from overlay_data(model, dataset): each test face's original image with its
     true class, fake probability and exit layer, then the tokens each routed layer kept (dropped
     patches darkened; "exited" where the sample had left)."""
     faces, L, K, size = overlays["faces"], overlays["layers"], overlays["first_routed_layer"], overlays["view_size"]
     items = [dataset[f["index"]] for f in faces]
-    view = global_view(torch.stack([it["image"] for it in items]).float(), size)
+    view = original_image(torch.stack([it["image"] for it in items]).float(), size)
     changed = forged_region(dataset, [f["index"] for f in faces], items, size)
-    grid, R = size // overlays["patch_size"], len(faces[0]["kept"]) if faces else 0
-    fig = _figure(max(2.3 * (1 + R), 4.5), 2.5 * len(items))
-    axes = np.array(fig.subplots(len(items), 1 + R, squeeze=False))
+    grid, routed = size // overlays["patch_size"], len(faces[0]["kept"]) if faces else 0
+    fig = _figure(max(2.3 * (1 + routed), 4.5), 2.5 * len(items))
+    axes = np.array(fig.subplots(len(items), 1 + routed, squeeze=False))
     for row, (it, face) in enumerate(zip(items, faces)):
         img, T = to_display(view[row]), face["exit"]
         truth = "real" if it["label"] == 0 else f"fake ({it['method']})"
@@ -247,8 +248,8 @@ def token_overlays(overlays, dataset):
         axes[row, 0].set_title(f"{truth}\np(fake) = {face['prob']:.2f}, exit at layer {T}"
                                + (" (ran all)" if T == L else ""), fontsize=9,
                                color=REAL if it["label"] == 0 else FAKE)
-        for r, idx in enumerate(face["kept"]):
-            ax, layer, idx = axes[row, 1 + r], K + r, np.asarray(idx)
+        for j, idx in enumerate(face["kept"]):
+            ax, layer, idx = axes[row, 1 + j], K + j, np.asarray(idx)
             ax.imshow(img, zorder=0)
             if (idx < 0).all():
                 ax.imshow(np.zeros((*img.shape[:2], 4)) + [0, 0, 0, 0.75])
@@ -263,8 +264,8 @@ def token_overlays(overlays, dataset):
     for ax in axes.flat:
         ax.set(xticks=[], yticks=[])
     outlined = "; red: the outline of what the forgery changed" if any(c is not None for c in changed) else ""
-    fig.suptitle("Global view: kept tokens of the routed layers, dropped patches darkened" + outlined if R else
-                 "Global view (token selection is off:\nevery token runs in every layer)", fontsize=10)
+    fig.suptitle("Original image: kept tokens of the routed layers, dropped patches darkened" + outlined if routed else
+                 "Original image (token selection is off:\nevery token runs in every layer)", fontsize=10)
     return fig
 
 
@@ -273,7 +274,7 @@ def token_overlays(overlays, dataset):
 def write_run_figures(out_dir, metrics, history, model, test_sets):
     """Every figure of a run as out_dir/figures/*.png, and supp. Tab. D as gate_weights.md.
 
-    metrics: {test set: train.evaluate() dict}; history: train.py's history list; test_sets:
+    metrics: {test set: evaluate.evaluate() dict}; history: train.py's {"steps", "evals"}; test_sets:
     {test set: Dataset}, the first one gives token_overlays.png (and its data, overlays.json).
     Returns the paths written.
     """
@@ -288,12 +289,13 @@ def write_run_figures(out_dir, metrics, history, model, test_sets):
 
     safe = {name: re.sub(r"[^\w.-]+", "_", name) for name in metrics}
     table = ["# Gate weight distribution (%) of Expert Routing (supp. Tab. D)", "",
-             "Original image (global view) at layer K+1, where the supplementary reads them; (·) is the rank "
+             "Original image at layer K+1, where the supplementary reads them; (·) is the rank "
              "among experts. `gate_weights_all_layers` in metrics.json has the mean over every layer run.", ""]
     for name, m in metrics.items():
-        save(exit_layers(m, f"Exit layers on {name} (global view)"), f"exit_layers_{safe[name]}.png")
+        save(exit_layers(m, f"Exit layers on {name} (original image)"), f"exit_layers_{safe[name]}.png")
         if "gate_weights" in m:
-            save(gate_weights(m, f"Expert gate weights on {name} (global view)"), f"gate_weights_{safe[name]}.png")
+            save(gate_weights(m, f"Expert gate weights on {name} (original image)"),
+                 f"gate_weights_{safe[name]}.png")
         table += [f"## {name}", "", gate_table(m)]
     save(roc(metrics), "roc.png")
     save(training_curves(history), "training_curves.png")

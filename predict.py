@@ -4,7 +4,7 @@
     python predict.py --input=clips/ --out_dir=out/ffpp --frames=32
 
 Images are taken as face crops (resized to the model's input); from a video, `frames` frames are
-taken evenly and the face is cropped from each (extract.py, the optional video extra). A video's
+taken evenly and the face is cropped from each (video/extract.py, the optional video extra). A video's
 score is the mean fake probability of its frames, as the video-level AUC uses. One line per input
 is printed, and every frame's score and exit layers are written to `predictions.csv` and
 `predictions.json` in out_dir (or `--output`, without suffix). It computes in the precision the
@@ -20,10 +20,11 @@ import torch
 
 import cli
 import data
-import extract  # imports OpenCV and dlib only when a video is read
+import finetune
 import speed
-import train
 from dfdhr import DFDHRConfig
+from video import extract  # imports OpenCV and dlib only when a video is read
+from vit import CheckpointError, load_weights, read_checkpoint
 
 
 @dataclass(frozen=True)
@@ -32,22 +33,24 @@ class Options:
     out_dir: str = "out"       # the run whose best.pt scores
     checkpoint: str = ""       # a checkpoint file instead of out_dir/best.pt
     frames: int = 32           # frames per video (DeepfakeBench's test setting)
-    detector: str = "dlib"     # face detector for videos (extract.py): "dlib" or "haar"
+    detector: str = "dlib"     # face detector for videos (video/extract.py): "dlib" or "haar"
     output: str = ""           # where predictions.{csv,json} go (default: out_dir/predictions)
     batch_size: int = 32
     device: str = "auto"       # "auto", "cpu", "cuda"
-    dtype: str = "auto"        # "auto": as the run evaluated (its --dtype, train.py's rule), or "bf16", "fp32"
-    compile: bool = False      # speed.compile_for_inference: in bf16 pays from ~170 images (paper preset), ~26,000 frames (small)
+    dtype: str = "auto"        # "auto": as the run evaluated (its --dtype, speed.py's rule), or "bf16", "fp32"
+    compile: bool = False      # speed.compile_for_inference: pays for many images only (README, "Speed")
 
 
 def load_model(path, device="cpu"):
-    """(model, the run's train.Settings) of a train.py checkpoint, read without executing code
-    (train.load_checkpoint)."""
-    ckpt = train.load_checkpoint(Path(path))
-    settings = train.Settings(**ckpt["config"])
-    model = train.build_model(settings, DFDHRConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), settings
+    """(model, the run's settings as a dict) of a train.py checkpoint, read without executing code
+    and built as the run built it: its method, its model config (vit.read_checkpoint, load_weights)."""
+    try:
+        ckpt = read_checkpoint(path)
+        model = finetune.build_model(ckpt["config"]["method"], DFDHRConfig(**ckpt["model_config"]))
+        load_weights(model, ckpt, path)
+    except CheckpointError as e:
+        raise SystemExit(str(e)) from None
+    return model.to(device).eval(), ckpt["config"]
 
 
 def inputs(path):
@@ -80,9 +83,10 @@ def main(argv):
     if opts.dtype not in ("auto", "bf16", "fp32"):
         raise SystemExit(f"--dtype={opts.dtype}: choose one of auto, bf16, fp32")
     speed.keep_freed_memory()
-    device = "cuda" if opts.device == "cuda" or (opts.device == "auto" and torch.cuda.is_available()) else "cpu"
-    model, run_settings = load_model(opts.checkpoint or Path(opts.out_dir) / "best.pt", device)
-    bf16 = train.uses_bf16(run_settings.dtype if opts.dtype == "auto" else opts.dtype, torch.device(device))
+    model, run_settings = load_model(opts.checkpoint or Path(opts.out_dir) / "best.pt")
+    dtype = run_settings["dtype"] if opts.dtype == "auto" else opts.dtype
+    device, bf16 = speed.device_and_precision(opts.device, dtype)
+    model.to(device)
     run = speed.compile_for_inference(model) if opts.compile else model
     rows, results = [], {}
     for path in inputs(opts.input):
@@ -94,7 +98,7 @@ def main(argv):
             continue
         probs, exits = [], []
         for chunk in x.split(opts.batch_size):
-            with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 out = run(chunk.to(device))
             probs += out.logits.float().softmax(-1)[:, 1].cpu().tolist()
             exits += out.exit_layer.cpu().tolist()

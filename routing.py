@@ -12,7 +12,7 @@
 
 The model (dfdhr.py) places these pieces in the ViT; this module depends on torch only.
 
-Letters: B batch, N tokens, K kept tokens, D width, E experts, R adapter rank.
+Letters as in dfdhr.py's glossary: B batch, N tokens, n̂ kept tokens, D width, E experts, r adapter rank.
 """
 import math
 from typing import NamedTuple
@@ -20,11 +20,6 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-# Temperature of the soft rank in training, in units of the row's std (soft_rank): wide enough that
-# every token's gradient reaches its neighbours in rank order, not only near-ties.
-RANK_TEMPERATURE = 0.1
-
 
 # ----------------------------------------------------------------------------- layers
 
@@ -92,50 +87,50 @@ class TokenJudge(nn.Module):
 
 
 def num_kept(n_tokens, keep):
-    """k = max(1, ⌊keep · N⌋): 192 of 257 tokens at keep = 0.75 (the paper's R% = 25 %)."""
+    """n̂ = max(1, ⌊keep · N⌋): 192 of 257 tokens at keep = 0.75 (the paper's R% = 25 %)."""
     return max(1, math.floor(keep * n_tokens))
 
 
 def select_tokens(scores, k, *, cls_eligible=True):
-    """Indices (B, K) of the k best-scored tokens of each row, in ascending (original) order.
+    """Indices (B, k) of the k best-scored tokens of each row (k = n̂), in ascending (original) order.
 
     cls_eligible=True: CLS competes like a patch (Tab. C(a), default). False: CLS (token 0) is
     always kept and the other k − 1 are the best of tokens 1..N−1 (Tab. C(a) "Patch" row).
     """
     if cls_eligible:
-        idx = scores.topk(k, dim=-1).indices  # (B, K)
+        idx = scores.topk(k, dim=-1).indices  # (B, k)
     else:
-        rest = scores[:, 1:].topk(k - 1, dim=-1).indices + 1  # (B, K−1)
-        idx = torch.cat([torch.zeros_like(rest[:, :1]), rest], dim=-1)  # (B, K)
+        rest = scores[:, 1:].topk(k - 1, dim=-1).indices + 1  # (B, k−1)
+        idx = torch.cat([torch.zeros_like(rest[:, :1]), rest], dim=-1)  # (B, k)
     return idx.sort(dim=-1).values
 
 
 def gather_tokens(x, idx):
-    """x (B, N, D), idx (B, K) -> (B, K, D), batched (no loop over samples)."""
+    """x (B, N, D), idx (B, n̂) -> (B, n̂, D), batched (no loop over samples)."""
     return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
 
 
 def scatter_tokens(x, idx, y):
-    """A copy of x (B, N, D) with the rows idx (B, K) replaced by y (B, K, D); out of place."""
+    """A copy of x (B, N, D) with the rows idx (B, n̂) replaced by y (B, n̂, D); out of place."""
     return x.scatter(1, idx[..., None].expand(-1, -1, x.shape[-1]), y)
 
 
 class Selected(NamedTuple):
     out: torch.Tensor  # (B, N, D) the block's weighted outputs on kept tokens, input elsewhere
-    idx: torch.Tensor  # (B, K) kept tokens, ascending
+    idx: torch.Tensor  # (B, n̂) kept tokens, ascending
     aux: object        # what the block returned besides its tokens (the expert gates)
 
 
 def run_on_selected(x, scores, block, *, keep, cls_eligible=True, post_weight=True):
     """Token Selection: run `block` on the top ⌊keep·N⌋ tokens of each row only.
 
-    block: a callable (B, K, D) -> ((B, K, D), aux), e.g. a whole residual block and its expert
-    gates. The kept tokens are weighted by w = 1 + softmax over their k scores, after the block
+    block: a callable (B, n̂, D) -> ((B, n̂, D), aux), e.g. a whole residual block and its expert
+    gates. The kept tokens are weighted by w = 1 + softmax over their n̂ scores, after the block
     (post_weight=True, supp. Tab. C(b)) or before it. Unkept tokens pass through unchanged.
     """
-    idx = select_tokens(scores, num_kept(x.shape[1], keep), cls_eligible=cls_eligible)  # (B, K)
-    x_kept = gather_tokens(x, idx)  # (B, K, D)
-    w = 1 + scores.gather(1, idx).softmax(dim=-1)[..., None]  # (B, K, 1)
+    idx = select_tokens(scores, num_kept(x.shape[1], keep), cls_eligible=cls_eligible)  # (B, n̂)
+    x_kept = gather_tokens(x, idx)  # (B, n̂, D)
+    w = 1 + scores.gather(1, idx).softmax(dim=-1)[..., None]  # (B, n̂, 1)
     if post_weight:
         y, aux = block(x_kept)
         y = y * w
@@ -181,7 +176,7 @@ def spearman_corr(scores, target, *, temperature):
     return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(1e-12)
 
 
-def spearman_loss(scores, target, *, temperature=RANK_TEMPERATURE):
+def spearman_loss(scores, target, *, temperature):
     """L_rank = mean over rows of 1 − Spearman(scores, target); both (B, N)."""
     return (1 - spearman_corr(scores, target, temperature=temperature)).mean()
 
@@ -196,22 +191,22 @@ class MoAOutput(NamedTuple):
 class MixtureOfAdapters(nn.Module):
     """Token-level Expert Routing: MoA(X) = X + Σ_e G_e(X) · Adapter_e(X).
 
-    Adapter_e = Linear(D, R) → GELU → Linear(R, D); dense, all E experts run on every token.
+    Adapter_e = Linear(D, r) → GELU → Linear(r, D); dense, all E experts run on every token.
     Gate: Linear(D, E) with bias, softmax per token; in training (with `noise`) the noisy gate of
     Eq. 13, G = softmax(ℓ + ε ⊙ softplus(ℓ)), ε ~ N(0, I); otherwise softmax(ℓ).
 
     The E adapters run as two matmuls instead of a loop over experts: the up-projections are
-    one Linear(D, E·R); since Σ_e g_e (h_e W2_e + b2_e) = [g ⊙ h] W2_cat + g b2, each expert's
-    hidden block is scaled by its gate and all go through one (E·R, D) down-projection.
+    one Linear(D, E·r); since Σ_e g_e (h_e W2_e + b2_e) = [g ⊙ h] W2_cat + g b2, each expert's
+    hidden block is scaled by its gate and all go through one (E·r, D) down-projection.
     """
 
-    def __init__(self, *, dim, num_experts=4, rank=256, noise=True):
+    def __init__(self, *, dim, num_experts=4, adapter_rank=256, noise=True):
         super().__init__()
-        self.num_experts, self.rank, self.noise = num_experts, rank, noise
+        self.num_experts, self.adapter_rank, self.noise = num_experts, adapter_rank, noise
         self.gate = nn.Linear(dim, num_experts)
-        self.up = nn.Linear(dim, num_experts * rank)  # expert e: rows e·R .. (e+1)·R − 1
+        self.up = nn.Linear(dim, num_experts * adapter_rank)  # expert e: rows e·r .. (e+1)·r − 1
         # Small but not zero: a zero down-projection would give the gate no gradient at step one.
-        self.down_weight = nn.Parameter(torch.randn(num_experts, rank, dim) * 1e-3)  # (E, R, D)
+        self.down_weight = nn.Parameter(torch.randn(num_experts, adapter_rank, dim) * 1e-3)  # (E, r, D)
         self.down_bias = nn.Parameter(torch.zeros(num_experts, dim))  # (E, D)
 
     def forward(self, x):  # x (..., D)
@@ -219,7 +214,7 @@ class MixtureOfAdapters(nn.Module):
         if self.training and self.noise:
             logits = logits + torch.randn_like(logits) * F.softplus(logits)
         gates = logits.softmax(dim=-1)  # (..., E)
-        h = F.gelu(self.up(x)).unflatten(-1, (self.num_experts, self.rank))  # (..., E, R)
-        h = (h * gates[..., None]).flatten(-2)  # (..., E·R)
+        h = F.gelu(self.up(x)).unflatten(-1, (self.num_experts, self.adapter_rank))  # (..., E, r)
+        h = (h * gates[..., None]).flatten(-2)  # (..., E·r)
         out = x + h @ self.down_weight.flatten(0, 1) + gates @ self.down_bias  # (..., D)
         return MoAOutput(out, gates)

@@ -1,11 +1,13 @@
-"""CPU speed-ups that the scripts switch on; BENCHMARKS.md measures them.
+"""The machine the scripts run on, and CPU speed-ups they switch on; benchmarks/BENCHMARKS.md measures them.
+
+device_and_precision: the device and whether to compute in bf16 autocast, one rule for train.py,
+predict.py and the benchmarks; machine() describes it in a line for a run's record.
 
 keep_freed_memory: glibc's malloc serves each block above its mmap threshold (at most 32 MiB) with
 a fresh mapping and unmaps it on free, so every large tensor is page-faulted in again on each
-allocation (a ViT-L/14 MLP activation at batch 8 is (8, 257, 4096) fp32 = 34 MB). In the paper
-preset's forward, QuickGELU's sigmoid and mul took 528 ms on fresh pages and 184 ms on reused ones
-(`bench.py --only=exits`). Kept, freed blocks are reused at once; the process's resident memory
-then stays at its peak instead of shrinking between steps.
+allocation (a ViT-L/14 MLP activation at batch 8 is (8, 257, 4096) fp32 = 34 MB). Kept, freed
+blocks are reused at once; the process's resident memory then stays at its peak instead of
+shrinking between steps.
 
 compile_for_inference: torch.compile (inductor) with the weights frozen into the compiled code
 (constant folding, weights prepacked for oneDNN's matmuls). For inference under torch.no_grad() only:
@@ -21,6 +23,33 @@ import sys
 import torch
 
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt parameters (glibc's malloc.h)
+
+
+def device_and_precision(device="auto", dtype="auto", index=0):
+    """(torch.device, whether to compute in bf16 autocast) for `--device` and `--dtype`.
+
+    device "auto" takes a GPU where there is one; `index` is this process's GPU (torchrun's
+    LOCAL_RANK). dtype "auto" is bf16 where the device computes in it natively, and there faster
+    than in fp32: a GPU that supports it, or a CPU with AVX512-BF16 whose kernels ATen dispatches at
+    its AVX512 level; at a lower level (an AVX2 machine, or ATEN_CPU_CAPABILITY=avx2) bf16 is
+    emulated, slower than fp32, and "auto" is fp32.
+    """
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    dev = torch.device(f"cuda:{index}" if use_cuda else "cpu")
+    if dtype != "auto":
+        return dev, dtype == "bf16"
+    if use_cuda:
+        return dev, torch.cuda.is_bf16_supported()
+    return dev, torch.backends.cpu.get_cpu_capability() == "AVX512" and torch.cpu._is_avx512_bf16_supported()
+
+
+def machine(device, bf16):
+    """Where a run computes, for its record: the device, the precision, the CPU capability ATen
+    dispatches its kernels to, threads, torch's version."""
+    name = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
+    return dict(device=f"{device}{name}", precision="bf16" if bf16 else "fp32",
+                cpu_capability=torch.backends.cpu.get_cpu_capability(), threads=torch.get_num_threads(),
+                torch=torch.__version__)
 
 
 def keep_freed_memory():

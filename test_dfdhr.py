@@ -22,22 +22,19 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from dfdhr import (DFDHR, ConstantJudge, dfdhr_loss, estimate_flops, force_exit, global_view, make_config,
-                   rank_loss, split_2x2)
+from dfdhr import (DFDHR, ConstantJudge, dfdhr_loss, estimate_flops, force_exit, make_config, original_image,
+                   rank_loss, split_images)
 from routing import MixtureOfAdapters, gumbel_sigmoid, num_kept, routed_update, run_on_selected, spearman_corr
 from vit import load_clip
 
-SMALL = make_config("small")
-LOW_T = 1e-4  # a soft-rank temperature at which the soft Spearman coefficient is the exact one
 
-
-def inputs(config, n=2, seed=0):
-    return torch.randn(n, 3, config.image_size, config.image_size, generator=torch.Generator().manual_seed(seed))
-
-
-def small_model(seed=0, **changes):
-    torch.manual_seed(seed)
-    return DFDHR(replace(SMALL, **changes))
+@pytest.fixture
+def small_model(small):
+    """A factory of seeded small-preset models, with config changes."""
+    def make(seed=0, **changes):
+        torch.manual_seed(seed)
+        return DFDHR(replace(small, **changes))
+    return make
 
 
 # ============================================================================= backbone
@@ -148,11 +145,11 @@ def test_token_selection_matches_a_per_sample_loop(post_weight, cls_eligible):
 
 
 @pytest.mark.parametrize("ties", [False, True])
-def test_soft_spearman_matches_scipy(ties):
+def test_soft_spearman_matches_scipy(ties, low_t):
     torch.manual_seed(0)
     s, t = torch.randint(0, 10, (2, 100, 257)).float() if ties else torch.randn(2, 100, 257)
     scipy = torch.tensor([spearmanr(u, v).statistic for u, v in zip(s.numpy(), t.numpy())])
-    assert (spearman_corr(s, t, temperature=LOW_T).double() - scipy).abs().max() <= 1e-3
+    assert (spearman_corr(s, t, temperature=low_t).double() - scipy).abs().max() <= 1e-3
     assert (spearman_corr(s, t, temperature=None).double() - scipy).abs().max() <= 1e-5  # exact ranks
 
 
@@ -160,13 +157,13 @@ def test_soft_spearman_matches_scipy(ties):
 
 def moa_loop(moa, x, gates):
     """x + Σ_e g_e · Adapter_e(x), token by token and expert by expert, from the module's weights."""
-    E, R = moa.num_experts, moa.rank
+    E, r = moa.num_experts, moa.adapter_rank
     w1, b1 = moa.up.weight, moa.up.bias
     out = []
     for xt, gt in zip(x.reshape(-1, x.shape[-1]), gates.reshape(-1, E)):
         acc = xt.clone()
         for e in range(E):
-            h = F.gelu(w1[e * R:(e + 1) * R] @ xt + b1[e * R:(e + 1) * R])
+            h = F.gelu(w1[e * r:(e + 1) * r] @ xt + b1[e * r:(e + 1) * r])
             acc = acc + gt[e] * (h @ moa.down_weight[e] + moa.down_bias[e])
         out.append(acc)
     return torch.stack(out).view_as(x)
@@ -174,7 +171,7 @@ def moa_loop(moa, x, gates):
 
 def visible_moa(**kw):
     torch.manual_seed(0)
-    moa = MixtureOfAdapters(dim=16, num_experts=4, rank=8, **kw).double()
+    moa = MixtureOfAdapters(dim=16, num_experts=4, adapter_rank=8, **kw).double()
     with torch.no_grad():  # make every term visible (the default down-projection is ~1e-3)
         for prm in moa.parameters():
             prm.normal_(0, 0.5)
@@ -208,13 +205,13 @@ def test_noisy_gate_is_eq13():
 
 @pytest.mark.parametrize("T", [4, 6, 8])
 @pytest.mark.parametrize("token_selection", [True, False])
-def test_flops_formula_matches_the_counter(T, token_selection):
-    cfg = replace(SMALL, token_selection=token_selection, keep_ratio=0.6)
+def test_flops_formula_matches_the_counter(T, token_selection, small, inputs):
+    cfg = replace(small, token_selection=token_selection, keep_ratio=0.6)
     torch.manual_seed(0)
     model = force_exit(DFDHR(cfg).eval(), T)
     view = inputs(cfg)[:, :, :cfg.view_size, :cfg.view_size]
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        encoded = model.encode(view, model.global_routers)
+        encoded = model.encode(view, model.original_routers)
     assert encoded.exit_layer.tolist() == [T, T]
     # What the formula omits and the counter sees, in multiply-adds: the patch embedding, and the
     # token judges (one dot product per token in each routed layer run).
@@ -235,75 +232,75 @@ def test_flops_formula_by_hand():
     assert estimate_flops(released, exit_layer=21) == 20 * layer + 1 * selected + layer
 
 
-def test_query_pooling_is_multi_head_attention_written_out():
+def test_query_pooling_is_multi_head_attention_written_out(small):
     torch.manual_seed(0)
-    model = DFDHR(SMALL)
-    pool, C, H = model.pool, SMALL.embed_dim, SMALL.pool_heads
-    tokens = torch.randn(3, 4, C)  # (B, 4 splits, C)
+    model = DFDHR(small)
+    pool, P, H = model.pool, small.embed_dim, small.pool_heads
+    tokens = torch.randn(3, 4, P)  # (B, 4 split images, P)
     w, b = pool.attn.in_proj_weight, pool.attn.in_proj_bias
-    q = pool.query[0] @ w[:C].T + b[:C]  # (1, C)
-    k, v = tokens @ w[C:2 * C].T + b[C:2 * C], tokens @ w[2 * C:].T + b[2 * C:]  # (B, 4, C)
+    q = pool.query[0] @ w[:P].T + b[:P]  # (1, P)
+    k, v = tokens @ w[P:2 * P].T + b[P:2 * P], tokens @ w[2 * P:].T + b[2 * P:]  # (B, 4, P)
     heads = []
     for h in range(H):
-        part = slice(h * C // H, (h + 1) * C // H)
-        att = torch.softmax(q[:, part] @ k[..., part].transpose(1, 2) / math.sqrt(C // H), dim=-1)  # (B, 1, 4)
-        heads.append(att @ v[..., part])  # (B, 1, C/H)
+        part = slice(h * P // H, (h + 1) * P // H)
+        att = torch.softmax(q[:, part] @ k[..., part].transpose(1, 2) / math.sqrt(P // H), dim=-1)  # (B, 1, 4)
+        heads.append(att @ v[..., part])  # (B, 1, P/H)
     want = torch.cat(heads, -1)[:, 0] @ pool.attn.out_proj.weight.T + pool.attn.out_proj.bias
     torch.testing.assert_close(pool(tokens), want, atol=1e-5, rtol=1e-5)
 
 
-def test_rank_target_is_the_original_images_final_cls():
+def test_rank_target_is_the_original_images_final_cls(small, low_t, inputs, small_model):
     """L_rank = mean over routed layers of 1 − Spearman(scores, cos(tokens, q)) with q the
     original image's final CLS, here at a temperature where the soft coefficient is scipy's."""
-    model = small_model(rank_temperature=LOW_T, share_routers=False).train()
-    x = inputs(SMALL, n=1)
+    model = small_model(rank_temperature=low_t, share_routers=False).train()
+    x = inputs(small, n=1)
     torch.manual_seed(5)
-    q = model.encode(global_view(x, SMALL.view_size), model.global_routers).cls.detach()
+    q = model.encode(original_image(x, small.view_size), model.original_routers).cls.detach()
     with torch.no_grad():  # split-image judges that score by the direction of the global query
-        for judge in model.local_routers.token_judges:
+        for judge in model.split_routers.token_judges:
             judge.proj.weight.copy_(q)
     torch.manual_seed(5)
     out = model(x)
     torch.manual_seed(5)  # the same random draws again, piece by piece
-    glob = model.encode(global_view(x, SMALL.view_size), model.global_routers)
-    local = model.encode(split_2x2(x), model.local_routers)
+    orig = model.encode(original_image(x, small.view_size), model.original_routers)
+    split = model.encode(split_images(x), model.split_routers)
 
     def loss_with(query):  # (4, D) -> L_rank with scipy's coefficient
         rhos = [spearmanr(s.detach().numpy(), F.cosine_similarity(t, q[None], dim=-1).detach().numpy()).statistic
-                for scores, tokens in local.ranked for s, t, q in zip(scores, tokens, query)]
+                for scores, tokens in split.ranked for s, t, q in zip(scores, tokens, query)]
         return 1 - sum(rhos) / len(rhos)
 
-    assert len(local.ranked) == len(SMALL.routed_layers)
-    assert out.rank_loss.item() == pytest.approx(loss_with(glob.cls.expand(4, -1)), abs=2e-3)
-    assert abs(out.rank_loss.item() - loss_with(local.cls)) > 5e-3  # the splits' own CLS as query: another value
+    assert len(split.ranked) == len(small.routed_layers)
+    assert out.rank_loss.item() == pytest.approx(loss_with(orig.cls.expand(4, -1)), abs=2e-3)
+    assert abs(out.rank_loss.item() - loss_with(split.cls)) > 5e-3  # the split images' own CLS: another value
 
 
-def test_one_view_ranks_its_tokens_against_its_own_final_cls():
+def test_one_view_ranks_its_tokens_against_its_own_final_cls(small, low_t, inputs, small_model):
     """Rows without the split images (the main ablation's first four) have no original-image query
     for the split images: L_rank ranks the view's tokens against its own final CLS."""
-    model = small_model(rank_temperature=LOW_T, multi_scale=False, layer_pruning=False).train()
-    x = inputs(SMALL, n=3)
+    model = small_model(rank_temperature=low_t, multi_scale=False, layer_pruning=False).train()
+    x = inputs(small, n=3)
     torch.manual_seed(5)
     out = model(x)
     torch.manual_seed(5)
-    enc = model.encode(global_view(x, SMALL.view_size), model.global_routers)
+    enc = model.encode(original_image(x, small.view_size), model.original_routers)
     rhos = [spearmanr(s.detach().numpy(), F.cosine_similarity(t, q[None], dim=-1).detach().numpy()).statistic
             for scores, tokens in enc.ranked for s, t, q in zip(scores, tokens, enc.cls)]
-    assert len(enc.ranked) == len(SMALL.routed_layers) and out.rank_loss.item() > 0
+    assert len(enc.ranked) == len(small.routed_layers) and out.rank_loss.item() > 0
     assert out.rank_loss.item() == pytest.approx(1 - sum(rhos) / len(rhos), abs=2e-3)
 
 
 @pytest.mark.parametrize("shared", [True, False])
-def test_each_branch_uses_its_own_routers(shared):
+def test_each_branch_uses_its_own_routers(shared, small, inputs, small_model):
     model = small_model(share_routers=shared).eval()
-    assert (model.local_routers is model.global_routers) == shared
-    force_exit(model, SMALL.layers)  # every view runs every layer ...
-    for r in range(len(SMALL.routed_layers)):  # ... but the split images' judges say exit at once
-        model.local_routers.layer_judges[r] = ConstantJudge(-10.0)
-    _, out = model.predict(inputs(SMALL))
-    K, L = SMALL.first_routed_layer, SMALL.layers
-    expected_global = K if shared else L
-    assert out.exit_layer.tolist() == [[expected_global, K, K, K, K]] * 2
+    assert (model.split_routers is model.original_routers) == shared
+    force_exit(model, small.layers)  # every view runs every layer ...
+    for j in range(len(small.routed_layers)):  # ... but the split images' judges say exit at once
+        model.split_routers.layer_judges[j] = ConstantJudge(-10.0)
+    _, out = model.predict(inputs(small))
+    K, L = small.first_routed_layer, small.layers
+    expected_original = K if shared else L
+    assert out.exit_layer.tolist() == [[expected_original, K, K, K, K]] * 2
 
 
 class ThresholdJudge(nn.Module):
@@ -318,17 +315,19 @@ class ThresholdJudge(nn.Module):
 
 
 def mixed_exits(model, x):
-    """Layer judges that cut routed layer r at quantile (r + 1) / (R + 1) of the plain backbone's CLS."""
+    """Layer judges that cut the j-th routed layer at quantile (j + 1) / (n + 1) of the plain backbone's
+    CLS, n routed layers."""
     with torch.no_grad():
-        states = model.backbone.hidden_states(global_view(x, model.config.view_size))
-    R = len(model.config.routed_layers)
-    for r, layer in enumerate(model.config.routed_layers):
-        model.global_routers.layer_judges[r] = ThresholdJudge(states[layer][:, 0, 0].quantile((r + 1) / (R + 1)).item())
+        states = model.backbone.hidden_states(original_image(x, model.config.view_size))
+    n = len(model.config.routed_layers)
+    for j, layer in enumerate(model.config.routed_layers):
+        cut = states[layer][:, 0, 0].quantile((j + 1) / (n + 1)).item()
+        model.original_routers.layer_judges[j] = ThresholdJudge(cut)
     return states
 
 
-def test_inference_is_per_sample_and_exits_hold_their_state():
-    cfg = replace(SMALL, multi_scale=False, image_size=SMALL.view_size, first_routed_layer=2)
+def test_inference_is_per_sample_and_exits_hold_their_state(small, inputs):
+    cfg = replace(small, multi_scale=False, image_size=small.view_size, first_routed_layer=2)
     torch.manual_seed(0)
     model = DFDHR(cfg).eval()
     x = inputs(cfg, n=8)
@@ -342,61 +341,61 @@ def test_inference_is_per_sample_and_exits_hold_their_state():
     with torch.no_grad():  # with experts and token selection off, an exited sample's CLS is the plain
         plain = DFDHR(replace(cfg, token_selection=False, expert_routing=False), backbone=model.backbone).eval()
         mixed_exits(plain, x)
-        encoded = plain.encode(x, plain.global_routers)  # backbone's hidden state at its exit layer
+        encoded = plain.encode(x, plain.original_routers)  # backbone's hidden state at its exit layer
     for b in range(8):
         torch.testing.assert_close(encoded.cls[b], states[encoded.exit_layer[b]][b, 0], atol=1e-5, rtol=0)
-    for r, layer in enumerate(cfg.routed_layers):  # exited samples report no kept tokens and no gates
+    for j, layer in enumerate(cfg.routed_layers):  # exited samples report no kept tokens and no gates
         gone = T <= layer
-        assert (out.kept[r][gone] == -1).all() and (out.kept[r][~gone] >= 0).all()
+        assert (out.kept[j][gone] == -1).all() and (out.kept[j][~gone] >= 0).all()
         assert out.gates[gone, 0, layer].isnan().all() and not out.gates[~gone, 0, layer].isnan().any()
 
 
-def test_global_view_is_the_released_resize_bit_for_bit():
-    x = inputs(SMALL, n=3)
-    want = F.interpolate(x, size=(SMALL.view_size,) * 2, mode="bicubic", align_corners=False)
-    assert torch.equal(global_view(x, SMALL.view_size), want)
-    assert not torch.allclose(global_view(x, SMALL.view_size),
-                              F.interpolate(x, size=(SMALL.view_size,) * 2, mode="bicubic", antialias=True))
+def test_original_image_is_the_released_resize_bit_for_bit(small, inputs):
+    x = inputs(small, n=3)
+    want = F.interpolate(x, size=(small.view_size,) * 2, mode="bicubic", align_corners=False)
+    assert torch.equal(original_image(x, small.view_size), want)
+    assert not torch.allclose(original_image(x, small.view_size),
+                              F.interpolate(x, size=(small.view_size,) * 2, mode="bicubic", antialias=True))
 
 
-def test_split_2x2_is_the_four_quadrants():
+def test_split_images_are_the_four_quadrants():
     x = torch.arange(2 * 3 * 4 * 4.).view(2, 3, 4, 4)
-    s = split_2x2(x)
+    s = split_images(x)
     assert torch.equal(s[0], x[0, :, :2, :2]) and torch.equal(s[1], x[0, :, :2, 2:])
     assert torch.equal(s[2], x[0, :, 2:, :2]) and torch.equal(s[7], x[1, :, 2:, 2:])
 
 
 @pytest.mark.parametrize("ablation", ["full", "released"])
-def test_layer_judges_learn_except_in_the_released_code(ablation):
+def test_layer_judges_learn_except_in_the_released_code(ablation, inputs):
     cfg = make_config("small", ablation)
     torch.manual_seed(0)
     model = DFDHR(cfg).train()
     dfdhr_loss(model(inputs(cfg, n=8)), torch.tensor([0, 1] * 4), cfg).total.backward()
-    grads = [p.grad for p in model.global_routers.layer_judges.parameters()]
+    grads = [p.grad for p in model.original_routers.layer_judges.parameters()]
     if ablation == "released":  # the decision only picks rows: exactly no gradient
         assert all(g is None or not g.any() for g in grads)
     else:
         assert all(g is not None and g.abs().sum() > 0 for g in grads)
 
 
-def test_released_switches_do_what_the_released_code_does():
+def test_released_switches_do_what_the_released_code_does(inputs):
     cfg = make_config("small", "released")
     torch.manual_seed(0)
     model = DFDHR(cfg).train()
     L, K = cfg.layers, cfg.first_routed_layer
-    assert list(cfg.routed_layers) == list(range(K, L - 1)) and len(model.global_routers.layer_judges) == L - 1 - K
+    assert list(cfg.routed_layers) == list(range(K, L - 1)) and len(model.original_routers.layer_judges) == L - 1 - K
     out = model(inputs(cfg, n=4))
     assert out.rank_loss.grad_fn is None  # argsort ranks: L_rank gives the token judges no gradient
-    local = model.encode(split_2x2(inputs(cfg, n=4)), model.local_routers)
-    layer_k = local.ranked[:1]
+    split = model.encode(split_images(inputs(cfg, n=4)), model.split_routers)
+    layer_k = split.ranked[:1]
     query = torch.randn(16, cfg.width)
-    assert torch.equal(rank_loss(local.ranked, query, cfg), rank_loss(layer_k, query, cfg))  # layer K only
+    assert torch.equal(rank_loss(split.ranked, query, cfg), rank_loss(layer_k, query, cfg))  # layer K only
     model.eval()
     force_exit(model, K)  # every sample exits at K, and layer L-1 still runs for all of them
     _, out = model.predict(inputs(cfg, n=2))
     assert (out.exit_layer == K).all()
     assert not out.gates[:, :, L - 1].isnan().any() and out.gates[:, :, K:L - 1].isnan().all()
-    assert all(not m.noise for pair in model.global_routers.experts for m in pair)
+    assert all(not m.noise for pair in model.original_routers.experts for m in (pair.after_attn, pair.after_mlp))
 
 
 # ============================================================================= shapes

@@ -6,10 +6,13 @@
     torchrun --nproc_per_node=4 train.py --preset=paper ...   # DistributedDataParallel
 
 Settings are the fields of `Settings` below (the paper preset changes those in PAPER_SETTINGS) and
-of `dfdhr.DFDHRConfig`; each is overridden by `--key=value`. A run writes to `out_dir`:
+of `dfdhr.DFDHRConfig`; each is overridden by `--key=value`. `main` reads in sections: set-up
+(the machine, DDP, precision), model, data, optimizer, the loop (`train_step` per batch), the end
+of each epoch (`end_of_epoch`: evaluate, select best.pt), the finish. A run writes to `out_dir`:
 `config.json`, checkpoints `last.pt` and `best.pt` (written atomically, the settings inside),
-`history.json`, `metrics.json` (`{test_set: {frame_auc, video_auc, eer, ap, acc, ...}}`) and
-`figures/`. `predict.py` scores new images and videos with `best.pt`.
+`history.json` (`{"steps": [...], "evals": [...]}`), `metrics.json` (`{test_set: {frame_auc,
+video_auc, eer, ap, acc, ...}}`, evaluate.py) and `figures/`. `predict.py` scores new images and
+videos with `best.pt`.
 """
 import contextlib
 import json
@@ -17,36 +20,33 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 import cli
 import data
 import figures
-import peft
+import finetune
 import speed
 import synthetic
-from dfdhr import ABLATIONS, DFDHR, DFDHRConfig, PRESETS, dfdhr_loss, make_config
-from vit import CheckpointError, load_clip
-
-
-# The small preset's pretrained backbone, made by pretrain.py (README: "The pretrained small backbone").
-SMALL_CLIP = "weights/small_clip.pt"  # relative to the repository root, where the README's commands run
+from dfdhr import ABLATIONS, PRESETS, SMALL_BACKBONE, DFDHRConfig, dfdhr_loss, make_config
+from evaluate import evaluate, evaluate_sets, print_table
+from vit import CheckpointError, load_clip, load_weights, read_checkpoint
 
 
 @dataclass(frozen=True)
 class Settings:
     preset: str = "small"          # model preset of dfdhr.PRESETS: "small" (CPU) or "paper" (CLIP ViT-L/14, 448 input)
     ablation: str = "full"         # a row of the paper's ablations, dfdhr.ABLATIONS
-    method: str = "dfdhr"          # "dfdhr", or a fine-tuning method of supp. Tab. A on the baseline (peft.METHODS)
-    init_from: str = SMALL_CLIP    # a CLIP checkpoint (vit.load_clip), "resume" (out_dir/last.pt) or "scratch"
+    method: str = "dfdhr"          # "dfdhr", or a fine-tuning method of supp. Tab. A on the baseline (finetune.METHODS)
+    init_from: str = SMALL_BACKBONE  # a CLIP checkpoint (vit.load_clip), "resume" (out_dir/last.pt) or "scratch"
     out_dir: str = "out"
-    # Data: "synthetic" (synthetic.py), a folder ROOT/{real,fake}/..., or a DeepfakeBench JSON file.
+    # Data: "synthetic" (the synthetic/ benchmark), a folder ROOT/{real,fake}/..., or a DeepfakeBench JSON file.
     train_data: str = "synthetic"
     test_data: str = "synthetic"   # comma-separated; "synthetic" gives one test set per forgery family
     val_data: str = "holdout"      # model selection: "holdout" (val_fraction of the training videos), "none", or data
@@ -80,11 +80,11 @@ class Settings:
     beta2: float = 0.999
     # Machine.
     seed: int = 1024               # paper
-    dtype: str = "auto"            # "auto" (bf16 where the GPU or CPU computes in it natively, else fp32), "bf16", "fp32"
+    dtype: str = "auto"            # "auto" (bf16 where the device computes in it natively: speed.py), "bf16", "fp32"
     device: str = "auto"           # "auto", "cpu", "cuda"
     num_workers: int = 1           # data-loading processes
-    compile: bool = False          # torch.compile the training step (evaluation stays eager): at the small preset
-                                   # 1.27x a step, its 129 s of compiling repaid after ~2,000 steps (BENCHMARKS.md §8)
+    compile: bool = False          # torch.compile the training step (evaluation stays eager, as its exits change
+                                   # shapes): pays for long runs only (README, "Compiling")
     log_interval: int = 10         # steps
     ckpt_interval: int = 50        # steps between last.pt writes (and at each epoch end)
 
@@ -106,7 +106,8 @@ def settings(given, model_given):
 
 
 def check(cfg):
-    choices = dict(ablation=ABLATIONS, method=("dfdhr", *peft.METHODS), augment=("auto", "true", "false"),
+    """Refuse an impossible setting before any work starts."""
+    choices = dict(ablation=ABLATIONS, method=("dfdhr", *finetune.METHODS), augment=("auto", "true", "false"),
                    dtype=("auto", "bf16", "fp32"), device=("auto", "cpu", "cuda"), select=("val", "test"),
                    frame_sampling=("even", "first"), synthetic_protocol=synthetic.PROTOCOLS)
     for key, allowed in choices.items():
@@ -128,10 +129,56 @@ def model_config(cfg, overrides):
         raise SystemExit(str(e)) from None
 
 
-def build_model(cfg, config, backbone=None):
-    """DFD-HR, or a fine-tuning method of supp. Tab. A: the one place train.py meets peft.py."""
-    model = DFDHR(config, backbone)
-    return model if cfg.method == "dfdhr" else peft.apply(model, cfg.method)
+# ----------------------------------------------------------------------------- set-up
+
+class Process(NamedTuple):
+    """This process: where it computes, in what precision, its place among the DDP processes."""
+    device: torch.device
+    bf16: bool            # compute in bf16 autocast
+    ddp_rank: int         # its rank under DistributedDataParallel (torchrun); 0 when it runs alone
+    world: int            # number of processes
+    micro_batch: int      # rows per forward pass; a batch's micro-batches add their gradients up
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+
+def set_up(cfg):
+    """The Process: DDP where torchrun started several (nccl on GPUs, gloo on CPUs), the device and
+    precision (speed.device_and_precision), the micro-batch, refused if the batch does not split."""
+    device, bf16 = speed.device_and_precision(cfg.device, cfg.dtype, index=int(os.environ.get("LOCAL_RANK", 0)))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_batch, rest = divmod(cfg.batch_size, world)
+    micro = cfg.micro_batch_size or local_batch
+    if rest or local_batch % micro:
+        raise SystemExit(f"--batch_size={cfg.batch_size} does not split into {world} process(es) × micro-batches "
+                         f"of {micro}")
+    if world > 1:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Process(device, bf16, dist.get_rank() if world > 1 else 0, world, micro)
+
+
+def describe(out, cfg, model, proc, machine, *, frames, total):
+    """The run's settings, model and machine in out_dir/config.json, and its size in a line."""
+    (out / "config.json").write_text(json.dumps({**asdict(cfg), "model": asdict(model.config), "machine": machine},
+                                                indent=1))
+    local_batch = cfg.batch_size // proc.world
+    micro = f" ({local_batch // proc.micro_batch} micro-batches of {proc.micro_batch})" \
+        if proc.micro_batch < local_batch else ""
+    print(f"{cfg.method} on {cfg.preset}/{cfg.ablation}: {finetune.count_trainable(model) / 1e6:.2f}M trainable "
+          f"parameters, {frames} training frames, {total} steps of {cfg.batch_size}{micro}, {proc.world} process(es)")
+
+
+# ----------------------------------------------------------------------------- model and optimizer
+
+def backbone(cfg, heads):
+    """The CLIP backbone a new run starts from (`--init_from`), or None to start from scratch."""
+    if cfg.init_from == "scratch":
+        return None
+    try:
+        return load_clip(cfg.init_from, heads=heads)
+    except CheckpointError as e:
+        raise SystemExit(f"--init_from: {e}") from None
 
 
 def optimizer(model, cfg):
@@ -143,7 +190,7 @@ def optimizer(model, cfg):
     return torch.optim.Adam(groups, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
 
 
-# ------------------------------------------------------------------------------ data
+# ----------------------------------------------------------------------------- data
 
 def datasets(cfg, image_size):
     """{"train": Dataset, "val": Dataset or absent, test_name: Dataset, ...}."""
@@ -189,7 +236,7 @@ def datasets(cfg, image_size):
     return out
 
 
-def batches(dataset, cfg, *, step, rank, world):
+def batches(dataset, cfg, *, step, ddp_rank, world):
     """(epoch, this process's share of a global batch) for every step from `step` on, endlessly.
 
     Each epoch is a fresh shuffle seeded by (seed, epoch) and sets the data set's epoch (its
@@ -202,8 +249,8 @@ def batches(dataset, cfg, *, step, rank, world):
         groups = torch.randperm(len(dataset) // group, generator=torch.Generator().manual_seed(cfg.seed + epoch))
         order = (groups[:, None] * group + torch.arange(group)).flatten().tolist()
         dataset.set_epoch(epoch)
-        local = cfg.batch_size // world  # this process's contiguous share: pairs stay together
-        shares = [order[i * cfg.batch_size + rank * local:i * cfg.batch_size + (rank + 1) * local]
+        share = cfg.batch_size // world  # this process's contiguous share: pairs stay together
+        shares = [order[i * cfg.batch_size + ddp_rank * share:i * cfg.batch_size + (ddp_rank + 1) * share]
                   for i in range(done, per_epoch)]
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=shares, num_workers=cfg.num_workers,
                                              collate_fn=data.collate, generator=torch.Generator())
@@ -212,121 +259,95 @@ def batches(dataset, cfg, *, step, rank, world):
             yield epoch, b
 
 
-# ------------------------------------------------------------------------------ evaluation
+# ----------------------------------------------------------------------------- a step, and the run's record
 
-def compute_metrics(probs, labels, videos):
-    """Frame AUC, video AUC (over per-video mean fake probability), EER, AP and accuracy (at 0.5).
-
-    A test set with one class has no AUC, EER or AP: those are None and `note` says why.
-    """
-    probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels)
-    by_video = {}
-    for p, y, v in zip(probs, labels, videos):
-        by_video.setdefault(v, [[], y])[0].append(p)
-    video_probs = np.array([np.mean(ps) for ps, _ in by_video.values()])
-    video_labels = np.array([y for _, y in by_video.values()])
-    out = dict(frames=len(probs), videos=len(by_video), acc=float(np.mean((probs > 0.5) == labels)),
-               frame_auc=None, video_auc=None, eer=None, ap=None)
-    if len(set(labels.tolist())) < 2:
-        out["note"] = f"only one class ({'fake' if labels[0] else 'real'}): AUC, EER and AP are undefined"
-        return out
-    fpr, tpr, _ = roc_curve(labels, probs)
-    i = np.argmin(np.abs((1 - tpr) - fpr))
-    out.update(frame_auc=float(roc_auc_score(labels, probs)), video_auc=float(roc_auc_score(video_labels, video_probs)),
-               eer=float((fpr[i] + 1 - tpr[i]) / 2), ap=float(average_precision_score(labels, probs)))
-    return out
+class NonFiniteLoss(ArithmeticError):
+    """A loss that is NaN or infinite: the step stopped before any update."""
 
 
-@torch.no_grad()
-def predict_rows(model, dataset, *, batch, autocast, workers):
-    """The model's outputs on every frame of a data set, as lists (one entry per frame)."""
-    model.eval()
-    cfg = model.config
-    rows = dict(prob=[], label=[], video=[], method=[], exit=[], gates=[], gates_all=[], flops=[], skipped=[])
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers, collate_fn=data.collate,
-                                         generator=torch.Generator())  # leaves the global RNG alone
-    dev = next(model.parameters()).device
-    for b in loader:
-        rows["skipped"] += b["skipped"]
-        if "image" not in b:
-            continue
-        with autocast():
-            prob, out = model.predict(b["image"].to(dev))
-        rows["prob"] += prob.float().cpu().tolist()
-        rows["label"] += b["label"].tolist()
-        rows["video"] += b["video"]
-        rows["method"] += b["method"]
-        rows["exit"] += out.exit_layer[:, 0].cpu().tolist()
-        gates = out.gates[:, 0].float().cpu()  # (B, L, 2, E)
-        rows["gates"] += list(gates[:, cfg.first_routed_layer].nanmean(1))  # (E,) each, supp. Tab. D's layer
-        rows["gates_all"] += list(gates.nanmean((1, 2)))  # (E,) each, over the layers each image ran
-        rows["flops"] += out.flops.cpu().tolist()
-    return rows
+def train_step(model, batch, opt, *, config, micro_batch, autocast, device):
+    """One optimizer step on `batch`: forward and backward per micro-batch, whose gradients add up
+    (DistributedDataParallel reduces them once, at the last), then the optimizer. Returns the
+    batch's mean [L, L_cls, L_rank]; raises NonFiniteLoss, before any update, if a loss is not finite."""
+    opt.zero_grad(set_to_none=True)
+    chunks = list(zip(batch["image"].split(micro_batch), batch["label"].split(micro_batch)))
+    no_sync = getattr(model, "no_sync", contextlib.nullcontext)  # DDP's: no gradient reduction in this pass
+    parts = []
+    for i, (x, y) in enumerate(chunks):
+        with (no_sync() if i < len(chunks) - 1 else contextlib.nullcontext()), autocast():
+            loss = dfdhr_loss(model(x.to(device)), y.to(device), config)
+        if not torch.isfinite(loss.total):
+            raise NonFiniteLoss(f"loss is {loss.total.item()} (ce {loss.ce.item()}, rank {loss.rank.item()}); "
+                                f"batch sources: {', '.join(batch['source'][:4])}...")
+        share = len(x) / len(batch["label"])
+        (loss.total * share).backward()
+        parts.append([t.item() * share for t in loss])
+    opt.step()
+    return np.sum(parts, 0).tolist()
 
 
-def summarise(rows, cfg):
-    """Metrics of one test set from its rows, and what the routers did on the original image: exit
-    layers (supp. Fig. A), expert gate weights at layer K+1 as supp. Tab. D reports them (and over
-    all layers), FLOPs."""
-    if not rows["prob"]:
-        raise SystemExit(f"no readable frame in the test set ({len(rows['skipped'])} skipped, e.g. "
-                         f"{rows['skipped'][:1]})")
-    metrics = compute_metrics(rows["prob"], rows["label"], rows["video"])
-    metrics["skipped"] = rows["skipped"]
-    labels, methods, exits = np.array(rows["label"]), np.array(rows["method"]), np.array(rows["exit"])
-    layers = list(range(cfg.first_routed_layer, cfg.layers + 1))
-    metrics["exit_layers"] = {"layers": layers, **{name: [int(np.sum(exits[labels == y] == t)) for t in layers]
-                                                   for name, y in (("real", 0), ("fake", 1))}}
-    if cfg.expert_routing:
-        groups = {"real": labels == 0, "fake": labels == 1,
-                  **{f"fake/{m}": methods == m for m in sorted(set(methods[labels == 1].tolist()))}}
-        for key in ("gates", "gates_all"):
-            g = torch.stack(rows[key]).numpy()
-            name = "gate_weights" if key == "gates" else "gate_weights_all_layers"
-            metrics[name] = {k: np.nanmean(g[mask], 0).round(4).tolist() for k, mask in groups.items()
-                             if mask.any() and not np.isnan(g[mask]).all()}
-        metrics["gate_layer"] = cfg.first_routed_layer + 1  # 1-based, as the supplementary counts
-    metrics["gflops_per_image"] = float(np.mean(rows["flops"])) / 1e9
-    metrics["scores"] = dict(prob=rows["prob"], label=rows["label"], method=rows["method"])
-    return metrics
+@dataclass
+class Progress:
+    """What the run has done, saved in every checkpoint: a resumed run continues from it."""
+    step: int = 0
+    steps: list = field(default_factory=list)  # per step: {step, loss, ce, rank}
+    evals: list = field(default_factory=list)  # per epoch end: {step, epoch, seconds, val_video_auc, video_auc}
+    best_score: float = -1.0  # best.pt's: the validation video AUC (or the first test set's)
+    best_step: int = 0
+    best_per_test_set: dict = field(default_factory=dict)  # --select=test: each test set's best evaluation
+
+    def history(self):
+        """history.json: one kind of record per list."""
+        return {"steps": self.steps, "evals": self.evals}
 
 
-def evaluate(model, dataset, **kw):
-    """Metrics of one test set (summarise)."""
-    return summarise(predict_rows(model, dataset, **kw), model.config)
+def warn_skipped(skipped, reasons, shown=5):
+    """Add a batch's unreadable frames to the run's list; the first `shown` of the run are printed."""
+    for reason in reasons:
+        if len(skipped) < shown:
+            print(f"warning: skipped {reason}")
+        skipped.append(reason)
 
 
-def evaluate_sets(model, sets, **kw):
-    """{name: metrics} of several test sets; test sets that are views of one shared set (the
-    synthetic families against the same real videos) are run once."""
-    shared = {}
-    for ds in sets.values():
-        if isinstance(ds, synthetic.FamilyTestSet):
-            shared.setdefault(id(ds.dataset), ds.dataset)
-    rows = {key: predict_rows(model, ds, **kw) for key, ds in shared.items()}
-    out = {}
-    for name, ds in sets.items():
-        every = rows.get(id(getattr(ds, "dataset", None)))
-        if every is not None and not every["skipped"]:  # rows align with the shared set's frames
-            out[name] = summarise({k: v if k == "skipped" else [v[i] for i in ds.indices] for k, v in every.items()},
-                                  model.config)
-        else:
-            out[name] = evaluate(model, ds, **kw)
-    return out
+def log_step(progress, losses, cfg, *, lead, epoch, total, rate):
+    """Record a step's losses; the lead process prints them every log_interval steps, with the
+    throughput (images a second) and an ETA."""
+    loss, ce, l_rank = losses
+    progress.steps.append(dict(step=progress.step, loss=loss, ce=ce, rank=l_rank))
+    if lead and (progress.step % cfg.log_interval == 0 or progress.step == total):
+        eta = (total - progress.step) * cfg.batch_size / rate
+        print(f"step {progress.step}/{total} | epoch {epoch} | loss {loss:.4f} (ce {ce:.4f}, rank {l_rank:.4f}) | "
+              f"{rate:.1f} img/s | ETA {eta // 60:.0f}m{eta % 60:02.0f}s", flush=True)
 
 
-def print_table(metrics):
-    keys = ("frame_auc", "video_auc", "eer", "ap", "acc", "gflops_per_image")
-    print(f"{'test set':<16}" + "".join(f"{k:>17}" for k in keys))
-    for name, m in metrics.items():
-        print(f"{name:<16}" + "".join(f"{'n/a' if m[k] is None else format(m[k], '.4f'):>17}" for k in keys))
-        if "note" in m:
-            print(f"  {name}: {m['note']}")
-        if m["skipped"]:
-            print(f"  {name}: skipped {len(m['skipped'])} unreadable frames, e.g. {m['skipped'][0]}")
+# ----------------------------------------------------------------------------- the end of an epoch
+
+def end_of_epoch(model, opt, sets, val_set, progress, cfg, proc, *, epoch, seconds):
+    """Evaluate every set and record it; keep best.pt, the best validation video AUC (or the first
+    test set's); with --select=test also each test set's best evaluation (DeepfakeBench's reporting)."""
+    out, kw = Path(cfg.out_dir), dict(batch=cfg.eval_batch_size, autocast=proc.autocast, workers=cfg.num_workers)
+    metrics = evaluate_sets(model, sets, **kw)
+    val = evaluate(model, val_set, **kw)["video_auc"] if val_set is not None else None
+    progress.evals.append(dict(step=progress.step, epoch=epoch, seconds=seconds, val_video_auc=val,
+                               video_auc={name: m["video_auc"] for name, m in metrics.items()}))
+    print_table(metrics)
+    if val is not None:
+        print(f"validation video AUC {val:.4f}")
+    score = val if cfg.select == "val" and val is not None else next(iter(metrics.values()))["video_auc"]
+    if score is None or score >= progress.best_score:  # a one-class set has no AUC: its latest evaluation
+        progress.best_score, progress.best_step = -1.0 if score is None else score, progress.step
+        save_checkpoint(out / "best.pt", model, opt, cfg, progress)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    if cfg.select == "test":  # each test set's best evaluation, selected on its own labels
+        best = progress.best_per_test_set
+        for name, m in metrics.items():
+            if m["video_auc"] is not None and m["video_auc"] >= best.get(name, {}).get("video_auc", -1.0):
+                best[name] = {**m, "step": progress.step, "selected_on": "this test set (DeepfakeBench's reporting)"}
+        (out / "metrics_best_per_test_set.json").write_text(json.dumps(best, indent=1))
+    (out / "history.json").write_text(json.dumps(progress.history()))
 
 
-# ------------------------------------------------------------------------------ checkpoints
+# ----------------------------------------------------------------------------- checkpoints
 
 def save_atomic(obj, path):
     """Write to a temporary file, then rename: a kill mid-write leaves the previous file intact."""
@@ -335,205 +356,141 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path):
-    """A checkpoint of this project, read without executing code: only tensors and plain data load."""
-    if not path.exists():
-        raise SystemExit(f"{path}: no such checkpoint")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated file, a foreign one, or a pickle that would run code
-        raise SystemExit(f"{path}: not a readable checkpoint of this project (it is loaded with weights_only=True, "
-                         f"which refuses anything but tensors and plain data): {e}") from None
-    if not isinstance(ckpt, dict) or not {"model", "model_config", "config"} <= ckpt.keys():
-        raise SystemExit(f"{path}: not a checkpoint of this project (no model, model_config and config inside)")
-    return ckpt
+def save_checkpoint(path, model, opt, cfg, progress):
+    """Everything a resumed run needs: weights, optimizer, settings, progress, the random state."""
+    save_atomic(dict(model=model.state_dict(), optimizer=opt.state_dict(), config=asdict(cfg),
+                     model_config=asdict(model.config), progress=asdict(progress), rng=torch.get_rng_state()), path)
 
 
 def resume(path, cfg_given, model_given):
-    """A run's last.pt, refused with each difference named if the options now change its model."""
+    """A run's last.pt and the run's own settings (options given now override them), refused with
+    each difference named if the options now change its model."""
     if not path.exists():
         raise SystemExit(f"{path}: nothing to resume")
-    ckpt = load_checkpoint(path)
-    saved = {**ckpt["model_config"], "preset": ckpt["config"]["preset"], "ablation": ckpt["config"]["ablation"],
-             "method": ckpt["config"]["method"]}
+    try:
+        ckpt = read_checkpoint(path)
+    except CheckpointError as e:
+        raise SystemExit(str(e)) from None
+    if "progress" not in ckpt:
+        raise SystemExit(f"{path} was written by an earlier train.py, whose record of the run this one does not "
+                         "read: it cannot be resumed (predict.py still scores with it)")
+    saved = {**ckpt["model_config"], **{k: ckpt["config"][k] for k in ("preset", "ablation", "method")}}
     differ = [f"{k}: checkpoint {saved[k]!r} vs now {v!r}" for k, v in {**cfg_given, **model_given}.items()
               if k in saved and saved[k] != v]
     if differ:
         raise SystemExit(f"{path} was trained with a different config: " + "; ".join(differ))
-    return ckpt
+    cfg = replace(Settings(**ckpt["config"]), **{k: v for k, v in cfg_given.items() if k != "init_from"})
+    return ckpt, cfg, DFDHRConfig(**ckpt["model_config"])
 
 
-# ------------------------------------------------------------------------------ training
+def restore(model, opt, ckpt, path):
+    """A resumed run's weights, optimizer state and random state, and its progress."""
+    try:
+        load_weights(model, ckpt, path)
+    except CheckpointError as e:
+        raise SystemExit(str(e)) from None
+    opt.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["rng"])
+    return Progress(**ckpt["progress"])
 
-def uses_bf16(dtype, dev):
-    """Whether `--dtype` computes in bf16 autocast on `dev`: "bf16", or "auto" where the device
-    computes in bf16 natively (a recent GPU; a CPU with AVX512-BF16 or AMX), there faster than fp32."""
-    if dtype != "auto":
-        return dtype == "bf16"
-    if dev.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+
+# ----------------------------------------------------------------------------- the finish
+
+def finish(out, model, sets, progress, skipped, seconds):
+    """Name the skipped training frames, draw the run's figures, say where the results are."""
+    if skipped:
+        (out / "skipped.txt").write_text("\n".join(skipped) + "\n")
+        print(f"skipped {len(skipped)} unreadable training frames (listed in {out / 'skipped.txt'})")
+    if sets and (out / "metrics.json").exists():
+        paths = figures.write_run_figures(out, json.loads((out / "metrics.json").read_text()), progress.history(),
+                                          model, sets)
+        print(f"figures: {len(paths)} files in {out / 'figures'}")
+    print(f"done: {progress.step} steps in {seconds:.0f} s; metrics in {out / 'metrics.json'}")
 
 
 def main(argv):
+    # Set-up: the settings (a resumed run's own), the machine, this process among the DDP processes.
     cfg_given, model_given = cli.parse(argv, Settings, DFDHRConfig)
     cfg, config = settings(cfg_given, model_given)
     speed.keep_freed_memory()
-    out = Path(cfg.out_dir)
-    ckpt = None
-    if cfg.init_from == "resume":  # the run's own settings, before anything is derived from them
-        ckpt = resume(out / "last.pt", cfg_given, model_given)
-        cfg = replace(Settings(**ckpt["config"]), **{k: v for k, v in cfg_given.items() if k != "init_from"})
-        config = DFDHRConfig(**ckpt["model_config"])
-    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    if ddp:
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-    else:
-        rank, world = 0, 1
-    dev = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
-    bf16 = uses_bf16(cfg.dtype, dev)
-    autocast = lambda: torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
+    out, ckpt = Path(cfg.out_dir), None
+    if cfg.init_from == "resume":
+        ckpt, cfg, config = resume(out / "last.pt", cfg_given, model_given)
+    proc = set_up(cfg)
+    lead = proc.ddp_rank == 0  # the process that prints, evaluates and writes
+    machine = speed.machine(proc.device, proc.bf16)
+    if lead:
+        print("machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()), flush=True)
 
+    # Model: a new run's starts from its CLIP backbone, which sets the backbone's sizes.
     torch.manual_seed(cfg.seed)
-    if ckpt is not None:
-        model = build_model(cfg, config)
-    else:
-        try:
-            backbone = load_clip(cfg.init_from, heads=model_given.get("heads")) if cfg.init_from != "scratch" else None
-        except CheckpointError as e:
-            raise SystemExit(f"--init_from: {e}") from None
-        model = build_model(cfg, config, backbone)
-    model.to(dev)
-    config = model.config  # a loaded CLIP checkpoint sets the backbone sizes
-    local_batch, rest = divmod(cfg.batch_size, world)
-    micro = cfg.micro_batch_size or local_batch
-    if rest or local_batch % micro:
-        raise SystemExit(f"--batch_size={cfg.batch_size} does not split into {world} process(es) × micro-batches "
-                         f"of {micro}")
+    model = finetune.build_model(cfg.method, config, None if ckpt else backbone(cfg, model_given.get("heads")))
+    model.to(proc.device)
+
+    # Data.
     try:
-        sets = datasets(cfg, config.image_size)
+        sets = datasets(cfg, model.config.image_size)
     except (FileNotFoundError, ValueError) as e:  # a missing root, an empty folder, a JSON pointing nowhere
         raise SystemExit(f"data: {e}") from None
     train_set, val_set = sets.pop("train"), sets.pop("val", None)
     if cfg.synthetic_prerender:
         t = time.time()
-        if synthetic.prerender([train_set, val_set, *sets.values()]) and rank == 0:
+        if synthetic.prerender([train_set, val_set, *sets.values()]) and lead:
             print(f"rendered the synthetic frames in {time.time() - t:.0f} s", flush=True)
     per_epoch = len(train_set) // cfg.batch_size
     if per_epoch == 0:
         raise SystemExit(f"training set has {len(train_set)} frames, fewer than one batch of {cfg.batch_size}")
     total = min(cfg.max_iters or 10 ** 12, cfg.epochs * per_epoch)
+
+    # Optimizer and progress, a resumed run's own; the model as the step runs it (DDP, compiled).
     opt = optimizer(model, cfg)
-    step, history, best = 0, [], {}
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        step, history, best = ckpt["step"], ckpt["history"], ckpt["best"]
-        torch.set_rng_state(ckpt["rng"])
-    wrapped = torch.nn.parallel.DistributedDataParallel(model) if ddp else model
-    if cfg.compile:
-        wrapped = speed.compile_for_training(wrapped)
+    progress = restore(model, opt, ckpt, out / "last.pt") if ckpt is not None else Progress()
+    stepped = torch.nn.parallel.DistributedDataParallel(model) if proc.world > 1 else model
+    stepped = speed.compile_for_training(stepped) if cfg.compile else stepped
     out.mkdir(parents=True, exist_ok=True)
-    if rank == 0:
-        (out / "config.json").write_text(json.dumps({**asdict(cfg), "model": asdict(config)}, indent=1))
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print(f"{cfg.method} on {cfg.preset}/{cfg.ablation}: {trainable / 1e6:.2f}M trainable parameters, "
-              f"{len(train_set)} training frames, {total} steps of {cfg.batch_size}"
-              f"{f' ({local_batch // micro} micro-batches of {micro})' if micro < local_batch else ''}, {dev}, "
-              f"{'bf16' if bf16 else 'fp32'}, {world} process(es)")
+    if lead:
+        describe(out, cfg, model, proc, machine, frames=len(train_set), total=total)
 
-    def checkpoint(name):
-        if rank == 0:
-            save_atomic(dict(model=model.state_dict(), optimizer=opt.state_dict(), config=asdict(cfg),
-                             model_config=asdict(config), step=step, history=history, best=best,
-                             rng=torch.get_rng_state()), out / name)
-
-    def evaluate_all(epoch):
-        """Every set at an epoch end; best.pt follows the validation set, or the first test set."""
-        kw = dict(batch=cfg.eval_batch_size, autocast=autocast, workers=cfg.num_workers)
-        metrics = evaluate_sets(model, sets, **kw)
-        val = evaluate(model, val_set, **kw)["video_auc"] if val_set is not None else None
-        history.append(dict(step=step, epoch=epoch, seconds=round(time.time() - t0), val_video_auc=val,
-                            **{f"{n}/video_auc": m["video_auc"] for n, m in metrics.items()}))
-        print_table(metrics)
-        if val is not None:
-            print(f"validation video AUC {val:.4f}")
-        score = val if cfg.select == "val" and val is not None else next(iter(metrics.values()))["video_auc"]
-        if score is None or score >= best.get("score", -1.0):
-            best.update(score=score, step=step)
-            checkpoint("best.pt")
-            (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-        if cfg.select == "test":  # DeepfakeBench: each test set's best evaluation, selected on its own labels
-            for name, m in metrics.items():
-                if m["video_auc"] is not None and m["video_auc"] >= best.get(name, {}).get("video_auc", -1.0):
-                    best[name] = {**m, "step": step, "selected_on": "this test set (DeepfakeBench's reporting)"}
-            (out / "metrics_best_per_test_set.json").write_text(json.dumps({k: v for k, v in best.items()
-                                                                            if k in metrics}, indent=1))
-        (out / "history.json").write_text(json.dumps(history))
-
+    # The loop: a step per batch; last.pt every ckpt_interval steps; Ctrl-C ends the step, saves, exits.
     interrupted = []
-    previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))  # finish the step, save, exit
+    previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
     try:
         t0, seen, skipped = time.time(), 0, []
         model.train()
-        stream = batches(train_set, cfg, step=step, rank=rank, world=world)
-        while step < total:
+        stream = batches(train_set, cfg, step=progress.step, ddp_rank=proc.ddp_rank, world=proc.world)
+        while progress.step < total:
             epoch, b = next(stream)
-            for reason in b["skipped"]:
-                if len(skipped) < 5:
-                    print(f"warning: skipped {reason}")
-                skipped.append(reason)
-            losses = []
+            warn_skipped(skipped, b["skipped"])
+            losses = None
             if "image" in b:  # a batch whose every frame is unreadable is a step without an update
-                opt.zero_grad(set_to_none=True)
-                chunks = list(zip(b["image"].split(micro), b["label"].split(micro)))
-                for i, (x, y) in enumerate(chunks):
-                    sync = wrapped.no_sync if ddp and i < len(chunks) - 1 else contextlib.nullcontext  # DDP: reduce once
-                    with sync(), autocast():
-                        loss = dfdhr_loss(wrapped(x.to(dev)), y.to(dev), config)
-                    if not torch.isfinite(loss.total):
-                        last = out / "last.pt"
-                        raise SystemExit(f"step {step}: loss is {loss.total.item()} (ce {loss.ce.item()}, rank "
-                                         f"{loss.rank.item()}); batch sources: {', '.join(b['source'][:4])}...; "
-                                         f"last good checkpoint: {last if last.exists() else 'none yet'} "
-                                         f"(left untouched)")
-                    (loss.total * len(x) / len(b["label"])).backward()
-                    losses.append([t.item() * len(x) / len(b["label"]) for t in loss])
-                opt.step()
-                seen += len(b["label"]) * world
-            step += 1
-            if losses:
-                total_loss, ce, rank_l = np.sum(losses, 0).tolist()
-                history.append(dict(step=step, loss=total_loss, ce=ce, rank=rank_l))
-                if rank == 0 and (step % cfg.log_interval == 0 or step == total):
-                    rate = seen / (time.time() - t0)
-                    eta = (total - step) * cfg.batch_size / rate
-                    print(f"step {step}/{total} | epoch {epoch} | loss {total_loss:.4f} (ce {ce:.4f}, rank "
-                          f"{rank_l:.4f}) | {rate:.1f} img/s | ETA {eta // 60:.0f}m{eta % 60:02.0f}s", flush=True)
-            if step % cfg.ckpt_interval == 0:
-                checkpoint("last.pt")
+                losses = train_step(stepped, b, opt, config=model.config, micro_batch=proc.micro_batch,
+                                    autocast=proc.autocast, device=proc.device)
+                seen += len(b["label"]) * proc.world
+            progress.step += 1
+            if losses is not None:
+                log_step(progress, losses, cfg, lead=lead, epoch=epoch, total=total, rate=seen / (time.time() - t0))
+            if lead and (progress.step % cfg.ckpt_interval == 0 or interrupted):
+                save_checkpoint(out / "last.pt", model, opt, cfg, progress)
             if interrupted:
-                checkpoint("last.pt")
-                print(f"interrupted: saved {out / 'last.pt'} at step {step}; continue with --init_from=resume")
+                print(f"interrupted: saved {out / 'last.pt'} at step {progress.step}; continue with --init_from=resume")
                 return
-            if step % per_epoch == 0 or step == total:  # an epoch's end, or the run's
-                if rank == 0:
-                    evaluate_all(round(step / per_epoch, 3))
-                    model.train()
-                checkpoint("last.pt")
-        if rank == 0:
-            if skipped:
-                (out / "skipped.txt").write_text("\n".join(skipped) + "\n")
-                print(f"skipped {len(skipped)} unreadable training frames (listed in {out / 'skipped.txt'})")
-            if sets and (out / "metrics.json").exists():
-                paths = figures.write_run_figures(out, json.loads((out / "metrics.json").read_text()), history,
-                                                  model, sets)
-                print(f"figures: {len(paths)} files in {out / 'figures'}")
-            print(f"done: {step} steps in {time.time() - t0:.0f} s; metrics in {out / 'metrics.json'}")
-        if ddp:
+
+            # The end of an epoch, or of the run: evaluate, select best.pt, save last.pt.
+            if (progress.step % per_epoch == 0 or progress.step == total) and lead:
+                end_of_epoch(model, opt, sets, val_set, progress, cfg, proc,
+                             epoch=round(progress.step / per_epoch, 3), seconds=round(time.time() - t0))
+                model.train()
+                save_checkpoint(out / "last.pt", model, opt, cfg, progress)
+
+        # The finish.
+        if lead:
+            finish(out, model, sets, progress, skipped, time.time() - t0)
+        if proc.world > 1:
             dist.destroy_process_group()
+    except NonFiniteLoss as e:
+        last = out / "last.pt"
+        raise SystemExit(f"step {progress.step}: {e}; last good checkpoint: {last if last.exists() else 'none yet'} "
+                         "(left untouched)") from None
     finally:
         signal.signal(signal.SIGINT, previous_handler)
 

@@ -1,4 +1,5 @@
-"""CLIP's ViT image encoder, written from scratch, and loading of the checkpoints researchers have.
+"""CLIP's ViT image encoder, written from scratch, and checkpoint loading: the CLIP checkpoints
+researchers have, and this project's own.
 
 DFD-HR is built on the CLIP ViT-L/14 image encoder. This module holds that encoder
 with the parameter names of OpenAI's checkpoint, so an OpenAI state dict loads with
@@ -11,11 +12,14 @@ with the parameter names of OpenAI's checkpoint, so an OpenAI state dict loads w
 
 The routed model (dfdhr.py) drives the encoder piece by piece: `embed`, then any block of
 `blocks` on any subset of rows and tokens, then `project` (ln_post and CLIP's projection).
+`read_checkpoint` and `load_weights` read train.py's checkpoints, names of earlier versions mapped.
 
-Letters: B batch, N tokens (1 CLS + grid² patches), D width, H heads, C head width (D / H).
+Letters as in dfdhr.py's glossary: B batch, N tokens (1 CLS + grid² patches), D width, H heads of
+D/H each, P projection width.
 """
 import json
 import math
+import re
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
@@ -42,17 +46,17 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
-def explicit_attention(q, k, v):  # 3 x (B, H, N, C) -> (B, H, N, C), the softmax in fp32 as in the fused kernel
-    a = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (B, H, N, N); scaling q is N/C times less work
+def explicit_attention(q, k, v):  # 3 x (B, H, N, D/H) -> (B, H, N, D/H), the softmax in fp32 as in the fused kernel
+    a = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (B, H, N, N); scaling q is N/(D/H) times less work
     return a.softmax(-1, dtype=torch.float32).to(v.dtype) @ v
 
 
 class Attention(nn.Module):
     """Multi-head self-attention with OpenAI's fused qkv names (`in_proj_weight`, `out_proj`).
 
-    On the CPU in bf16 the attention runs as `explicit_attention`, 1.6-4.6x faster there than
-    torch's fused kernel (bench.py --only=attention), at the price of (B, H, N, N) fp32
-    probabilities per layer; fp32 and GPUs take the fused kernel."""
+    On the CPU in bf16 the attention runs as `explicit_attention`, faster there than torch's fused
+    kernel (benchmarks/BENCHMARKS.md §6), at the price of (B, H, N, N) fp32 probabilities per
+    layer; fp32 and GPUs take the fused kernel."""
 
     def __init__(self, *, width, heads):
         super().__init__()
@@ -67,11 +71,11 @@ class Attention(nn.Module):
     def forward(self, x):  # (B, N, D)
         B, N, D = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, N, 3D)
-        q, k, v = qkv.view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, N, C)
+        q, k, v = qkv.view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, N, D/H)
         if q.device.type == "cpu" and q.dtype == torch.bfloat16:
-            y = explicit_attention(q, k, v)  # (B, H, N, C)
+            y = explicit_attention(q, k, v)  # (B, H, N, D/H)
         else:
-            y = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, C)
+            y = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, D/H)
         return self.out_proj(y.transpose(1, 2).reshape(B, N, D))  # (B, N, D)
 
 
@@ -135,7 +139,7 @@ class VisionTransformer(nn.Module):
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # (B, N, D)
         return self.ln_pre(x)
 
-    def project(self, cls):  # (B, D) -> (B, output_dim): ln_post, then CLIP's projection
+    def project(self, cls):  # (B, D) -> (B, P): ln_post, then CLIP's projection
         x = self.ln_post(cls)
         return x @ self.proj if self.proj is not None else x
 
@@ -146,7 +150,7 @@ class VisionTransformer(nn.Module):
             states.append(block(states[-1]))
         return states
 
-    def forward(self, x):  # (B, 3, S, S) -> (B, output_dim), OpenAI's `encode_image`
+    def forward(self, x):  # (B, 3, S, S) -> (B, P), OpenAI's `encode_image`
         x = self.embed(x)
         for block in self.blocks:
             x = block(x)
@@ -158,7 +162,7 @@ class VisionTransformer(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 class CheckpointError(ValueError):
-    """A file that is not a checkpoint, or whose tensors do not fit a CLIP ViT image encoder."""
+    """A file that is not a checkpoint, or whose tensors do not fit the model they are loaded into."""
 
 
 # Hugging Face name -> OpenAI name. `{i}` is the block index. q/k/v are fused separately below.
@@ -266,8 +270,9 @@ def load_clip(source, *, heads=None):
 
     Sizes are read off the tensors. The number of heads cannot be: a file's comes from a Hugging
     Face `config.json` beside it, else from `{"heads": N}` in a .json of the file's name (which
-    pretrain.py writes), else from OpenAI's rule width // 64; `heads`, if given, must agree (a wrong
-    count computes other attention without any error). An in-memory state dict takes `heads` as given.
+    synthetic/pretrain.py writes), else from OpenAI's rule width // 64; `heads`, if given, must
+    agree (a wrong count computes other attention without any error). An in-memory state dict
+    takes `heads` as given.
     """
     is_file, stored, why = isinstance(source, (str, Path)), None, ""
     if is_file:
@@ -278,7 +283,7 @@ def load_clip(source, *, heads=None):
         if config.exists():
             cfg = json.loads(config.read_text())
             stored, why = cfg.get("vision_config", cfg).get("num_attention_heads"), f"{config} says so"
-        elif sidecar.exists():  # this project's record beside its own weights (pretrain.py)
+        elif sidecar.exists():  # this project's record beside its own weights (synthetic/pretrain.py)
             stored, why = json.loads(sidecar.read_text()).get("heads"), f"{sidecar} says so"
         sd = _read_file(path)
     else:
@@ -300,17 +305,75 @@ def load_clip(source, *, heads=None):
     model = VisionTransformer(image_size=grid * patch, patch_size=patch, width=width, layers=layers,
                               heads=heads or max(1, width // 64),
                               output_dim=sd["proj"].shape[1] if "proj" in sd else None)
-    expected = model.state_dict()
+    problems = mismatch(model.state_dict(), sd)
+    if problems:
+        raise CheckpointError(f"{name} does not fit a CLIP ViT (width {width}, {layers} layers, patch {patch}, "
+                              f"image {grid * patch}): {problems}")
+    model.load_state_dict(sd, strict=True)
+    return model
+
+
+def mismatch(expected, sd, shown=5):
+    """Why the state dict `sd` does not load strictly where `expected` is the model's: the number
+    of missing and of unexpected keys with the first `shown` of each, and every shape that
+    differs; "" when it loads."""
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
     wrong = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
              for k, v in expected.items() if k in sd and sd[k].shape != v.shape]
-    if missing or unexpected or wrong:
-        def listed(keys):
-            return ", ".join(keys[:8]) + (f" (+{len(keys) - 8} more)" if len(keys) > 8 else "")
-        problems = [f"{what} ({len(keys)}): {listed(keys)}" for what, keys in
-                    (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", wrong)) if keys]
-        raise CheckpointError(f"{name} does not fit a CLIP ViT (width {width}, {layers} layers, patch {patch}, "
-                              f"image {grid * patch}): " + "; ".join(problems))
-    model.load_state_dict(sd, strict=True)
-    return model
+
+    def listed(keys):
+        return ", ".join(keys[:shown]) + (f" (+{len(keys) - shown} more)" if len(keys) > shown else "")
+    return "; ".join(f"{what} ({len(keys)}): {listed(keys)}" for what, keys in
+                     (("missing keys", missing), ("unexpected keys", unexpected), ("shapes differ", wrong)) if keys)
+
+
+# ---------------------------------------------------------------------------------------------
+# This project's checkpoints: train.py's last.pt and best.pt
+# ---------------------------------------------------------------------------------------------
+
+# Names that changed since checkpoints were written, earlier -> today's: regular expressions on the
+# keys of the model's state dict, and fields of the model config. read_checkpoint applies both.
+RENAMED_PARAMETERS = {
+    r"^global_routers\.": "original_routers.",
+    r"^local_routers\.": "split_routers.",
+    r"\.experts\.(\d+)\.0\.": r".experts.\1.after_attn.",
+    r"\.experts\.(\d+)\.1\.": r".experts.\1.after_mlp.",
+}
+RENAMED_SETTINGS = {"route_global": "route_original"}
+
+
+def renamed(key):
+    """A state dict key of an earlier version in today's name (RENAMED_PARAMETERS)."""
+    for earlier, today in RENAMED_PARAMETERS.items():
+        key = re.sub(earlier, today, key)
+    return key
+
+
+def read_checkpoint(path):
+    """A checkpoint of this project, {model, optimizer, config, model_config, ...}, read without
+    executing code (weights_only: tensors and plain data only), in today's names."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated file, a foreign one, or a pickle that would run code
+        raise CheckpointError(f"{path}: not a readable checkpoint of this project (it is loaded with "
+                              f"weights_only=True, which refuses anything but tensors and plain data): {e}") from None
+    if not isinstance(ckpt, dict) or not {"model", "model_config", "config"} <= ckpt.keys():
+        raise CheckpointError(f"{path}: not a checkpoint of this project (no model, model_config and config inside)")
+    ckpt["model"] = {renamed(k): v for k, v in ckpt["model"].items()}
+    ckpt["model_config"] = {RENAMED_SETTINGS.get(k, k): v for k, v in ckpt["model_config"].items()}
+    return ckpt
+
+
+def load_weights(model, ckpt, name):
+    """The weights of `ckpt` (read_checkpoint) into `model`, strictly. A checkpoint whose weights do
+    not fit is refused with one CheckpointError: what differs (`mismatch`) and what the checkpoint
+    says it was made with."""
+    problems = mismatch(model.state_dict(), ckpt["model"])
+    if problems:
+        made = ", ".join(f"{k} {ckpt['config'].get(k)}" for k in ("method", "preset", "ablation"))
+        raise CheckpointError(f"{name}: its weights do not fit the model its settings describe ({made}): {problems}")
+    model.load_state_dict(ckpt["model"], strict=True)

@@ -1,15 +1,18 @@
-"""bench.py --quick runs end to end and its two implementations agree; no timing is asserted."""
+"""benchmarks/bench.py --quick runs end to end and its two implementations agree; no timing is asserted."""
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_bench_quick_runs_and_outputs_agree(tmp_path):
     out = tmp_path / "bench.json"
-    subprocess.run([sys.executable, "bench.py", "--quick", f"--json={out}"], cwd=ROOT, check=True,
+    subprocess.run([sys.executable, "-m", "benchmarks.bench", "--quick", f"--json={out}"], cwd=ROOT, check=True,
                    capture_output=True, text=True)
     results = json.loads(out.read_text())
     assert {r["precision"] for r in results["backbone"]} == {"fp32", "bf16"}
@@ -30,10 +33,11 @@ def test_bench_quick_runs_and_outputs_agree(tmp_path):
         assert r["max_abs_logit_diff"] < 5e-2, r
 
 
+@pytest.mark.slow
 def test_bench_quick_exit_profile_sees_the_skipped_layers(tmp_path):
     out = tmp_path / "exits.json"
-    subprocess.run([sys.executable, "bench.py", "--quick", "--only=exits", f"--json={out}"], cwd=ROOT, check=True,
-                   capture_output=True, text=True)
+    subprocess.run([sys.executable, "-m", "benchmarks.bench", "--quick", "--only=exits", f"--json={out}"], cwd=ROOT,
+                   check=True, capture_output=True, text=True)
     results = json.loads(out.read_text())
     d = results["exits"]
     matmul = next(r for r in d if r["op"] == "aten::addmm")  # half the small preset's layers are skipped
@@ -43,7 +47,7 @@ def test_bench_quick_exit_profile_sees_the_skipped_layers(tmp_path):
 def test_profile_kinds_name_the_kernels_of_each_path():
     """measure.category, which every profile breakdown sums by: the linears of eager and compiled code
     are matmuls, the explicit attention's bmm and softmax are attention, other names are not matmuls."""
-    import measure
+    from benchmarks import measure
     kinds = {op: measure.category(op).split(" ")[0] for op in (
         "aten::addmm", "aten::mm", "mkl::_mkl_linear", "mkldnn::_linear_pointwise", "aten::bmm", "aten::_softmax",
         "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::upsample_bilinear2d", "aten::copy_")}

@@ -1,4 +1,4 @@
-"""extract.py on real decoding and detection: videos written with OpenCV from a real photograph
+"""video/extract.py on real decoding and detection: videos written with OpenCV from a real photograph
 (matplotlib's grace_hopper.jpg) moved across the frame, laid out like FaceForensics++ and
 Celeb-DF v2, extracted, then read by data.FrameFolder / data.DeepfakeBenchJSON and trained on."""
 import contextlib
@@ -16,17 +16,17 @@ import pytest
 import torch
 from PIL import Image
 
-cv2 = pytest.importorskip("cv2", reason="the video extra is not installed: pip install -r requirements-video.txt")
+cv2 = pytest.importorskip("cv2", reason="the video extra is not installed: pip install -r video/requirements.txt")
 
 import data  # noqa: E402  (after the skip: extract.py needs cv2)
-import extract  # noqa: E402
 import predict  # noqa: E402
 import train  # noqa: E402
-from test_train import TINY  # noqa: E402
+from video import extract  # noqa: E402
 
-ROOT = Path(extract.__file__).parent
+pytestmark = pytest.mark.slow  # real video decoding and detection
+ROOT = Path(__file__).resolve().parents[1]
 DETECTORS = ["haar", pytest.param("dlib", marks=pytest.mark.skipif(
-    importlib.util.find_spec("dlib") is None, reason="dlib-bin (requirements-video.txt) is not installed"))]
+    importlib.util.find_spec("dlib") is None, reason="dlib-bin (video/requirements.txt) is not installed"))]
 
 PHOTO = np.asarray(Image.open(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)).convert("RGB"))
 PHOTO_FACE = (175, 140, 360, 315)  # (x0, y0, x1, y1) by eye in the 512x600 photo: brim of the cap to chin, ear to ear
@@ -221,14 +221,14 @@ def test_a_rerun_skips_finished_videos_and_redoes_half_written_ones(ffpp, tmp_pa
     assert {Image.open(p).size for p in other.rglob("*.png")} == {(40, 40)}
 
 
-def test_celebdf_test_list_then_train_end_to_end(ffpp, tmp_path):
+def test_celebdf_test_list_then_train_end_to_end(ffpp, tmp_path, tiny_run):
     cdf = tmp_path / "Celeb-DF-v2"
     write_video(cdf / "Celeb-real/id0_0000.mp4")
     write_video(cdf / "YouTube-real/00000.mp4")
     write_video(cdf / "Celeb-synthesis/id0_id1_0000.mp4")
     (cdf / "List_of_testing_videos.txt").write_text("1 YouTube-real/00000.mp4\n0 Celeb-synthesis/id0_id1_0000.mp4\n")
     out = tmp_path / "CDF"
-    run = subprocess.run([sys.executable, "extract.py", cdf, out, "--frames=4", "--size=48", "--detector=haar",
+    run = subprocess.run([sys.executable, "-m", "video.extract", cdf, out, "--frames=4", "--size=48", "--detector=haar",
                           f"--only={cdf / 'List_of_testing_videos.txt'}", f"--json={out / 'Celeb-DF-v2.json'}",
                           "--split=test"], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
@@ -241,7 +241,7 @@ def test_celebdf_test_list_then_train_end_to_end(ffpp, tmp_path):
     assert {s.video: s.label for s in dfb.samples} == {"CelebDFv2_real/00000": 0, "CelebDFv2_fake/id0_id1_0000": 1}
 
     _, ff_out, _, _ = ffpp
-    train.main(TINY + ["--max_iters=2", f"--train_data={ff_out}", f"--test_data={out},{out / 'Celeb-DF-v2.json'}",
+    train.main(tiny_run + ["--max_iters=2", f"--train_data={ff_out}", f"--test_data={out},{out / 'Celeb-DF-v2.json'}",
                        f"--out_dir={tmp_path / 'run'}"])
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     for name in ("CDF", "Celeb-DF-v2"):  # the folder and the JSON: the same 2 videos of 4 frames

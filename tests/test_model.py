@@ -5,16 +5,11 @@ import pytest
 import torch
 
 from dfdhr import ABLATIONS, DFDHR, dfdhr_loss, force_exit, make_config
-
-SMALL = make_config("small")
-
-
-def inputs(config, n=2, seed=0):
-    return torch.randn(n, 3, config.image_size, config.image_size, generator=torch.Generator().manual_seed(seed))
+from finetune import count_trainable
 
 
-def test_every_trainable_group_gets_a_gradient_and_the_frozen_backbone_none():
-    cfg = replace(SMALL, freeze_backbone=True)
+def test_every_trainable_group_gets_a_gradient_and_the_frozen_backbone_none(small, inputs):
+    cfg = replace(small, freeze_backbone=True)
     torch.manual_seed(0)
     model = DFDHR(cfg).train()
     out = model(inputs(cfg, n=8))
@@ -24,25 +19,25 @@ def test_every_trainable_group_gets_a_gradient_and_the_frozen_backbone_none():
     assert set(groups) == {"layer_judges", "token_judges", "experts", "fusion", "head"}
     for name, params in groups.items():
         assert sum(p.grad.abs().sum() for p in params) > 0, name
-    routers = model.global_routers
+    routers = model.original_routers
     judges = [j for j in routers.layer_judges] + [j for j in routers.token_judges]
-    experts = [e for pair in routers.experts for e in pair]
+    experts = [e for pair in routers.experts for e in (pair.after_attn, pair.after_mlp)]
     for module in judges + experts:  # each judge, each gate and each adapter, not just each group
         for name, p in module.named_parameters():
             assert p.grad.abs().sum() > 0, name
 
 
-def test_full_fine_tuning_switch():
-    model = DFDHR(replace(SMALL, freeze_backbone=False))
+def test_full_fine_tuning_switch(small):
+    model = DFDHR(replace(small, freeze_backbone=False))
     groups = {g["name"]: g for g in model.param_groups(lr=1e-4, backbone_lr=1e-6)}
     assert groups["backbone"]["lr"] == 1e-6 and groups["head"]["lr"] == 1e-4
     assert sum(p.numel() for p in groups["backbone"]["params"]) == sum(p.numel() for p in model.backbone.parameters())
 
 
-def test_kept_tokens_and_gates_are_reported():
+def test_kept_tokens_and_gates_are_reported(small, inputs):
     torch.manual_seed(0)
-    model = force_exit(DFDHR(SMALL).eval(), 6)
-    _, out = model.predict(inputs(SMALL, n=2))
+    model = force_exit(DFDHR(small).eval(), 6)
+    _, out = model.predict(inputs(small, n=2))
     assert out.exit_layer.tolist() == [[6] * 5] * 2
     assert [k.min().item() >= 0 for k in out.kept] == [True, True, False, False]  # kept at 4, 5; exited at 6
     g = out.gates  # (B, V, L, 2, E)
@@ -50,32 +45,28 @@ def test_kept_tokens_and_gates_are_reported():
     assert torch.isnan(g[:, :, 6:]).all()
 
 
-def trainable(model):
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 def expected_trainable(cfg):
     """Trainable parameters counted from the paper's description, module by module."""
-    D, C, L, R = cfg.width, cfg.embed_dim, cfg.layers, len(cfg.routed_layers)
+    D, P, L, routed = cfg.width, cfg.embed_dim, cfg.layers, len(cfg.routed_layers)
     E, r, h = cfg.num_experts, cfg.adapter_rank, cfg.judge_hidden
-    per_branch = (R * (D * h + h) if cfg.layer_pruning else 0) \
-        + ((1 if cfg.share_token_judges else R) * D if cfg.token_selection else 0) \
+    per_branch = (routed * (D * h + h) if cfg.layer_pruning else 0) \
+        + ((1 if cfg.share_token_judges else routed) * D if cfg.token_selection else 0) \
         + (L * 2 * ((D * E + E) + (D * E * r + E * r) + (E * r * D + E * D)) if cfg.expert_routing else 0)
-    branches = 2 if not cfg.share_routers and cfg.route_global and cfg.multi_scale else 1
-    fusion = (C + 4 * C * C + 4 * C) if cfg.multi_scale else 0  # query, in/out projections
-    head = (2 * C if cfg.multi_scale else C) * 2 + 2
+    branches = 2 if not cfg.share_routers and cfg.route_original and cfg.multi_scale else 1
+    fusion = (P + 4 * P * P + 4 * P) if cfg.multi_scale else 0  # query, in/out projections
+    head = (2 * P if cfg.multi_scale else P) * 2 + 2
     backbone = 0 if cfg.freeze_backbone else sum(p.numel() for p in DFDHR(cfg).backbone.parameters())
     return branches * per_branch + fusion + head + backbone
 
 
 @pytest.mark.parametrize("ablation", sorted(ABLATIONS))
-def test_each_ablation_builds_what_it_says(ablation):
+def test_each_ablation_builds_what_it_says(ablation, inputs):
     cfg = make_config("small", ablation)
     model = DFDHR(cfg)
-    assert trainable(model) == expected_trainable(cfg)
+    assert count_trainable(model) == expected_trainable(cfg)
     assert (model.pool is not None) == cfg.multi_scale
     if cfg.routing:
-        routers = model.global_routers or model.local_routers
+        routers = model.branches()[0]
         assert (routers.layer_judges is not None) == cfg.layer_pruning
         assert (routers.experts is not None) == cfg.expert_routing
         if cfg.token_selection:
@@ -86,19 +77,20 @@ def test_each_ablation_builds_what_it_says(ablation):
     assert (out.rank_loss > 0) == cfg.token_selection  # one view ranks against its own final CLS
 
 
-def test_ablation_details():
-    assert make_config("small", "baseline").image_size == SMALL.view_size
+def test_ablation_details(small, inputs):
+    assert make_config("small", "baseline").image_size == small.view_size
     split_only = DFDHR(make_config("small", "split_only"))
-    assert split_only.global_routers is None and split_only.local_routers is not None
+    assert split_only.branches() == [split_only.split_routers] and not split_only.original_routers.on
+    assert split_only.original_routers.layer_judge(small.first_routed_layer) is None
     model = DFDHR(make_config("small", "separate_routers"))
-    assert model.global_routers is not model.local_routers
+    assert model.branches() == [model.original_routers, model.split_routers]
     model.eval()
-    out = model(inputs(SMALL))
+    out = model(inputs(small))
     assert out.logits.shape == (2, 2)
 
 
 @pytest.mark.parametrize("bad", [dict(keep_ratio=0.0), dict(first_routed_layer=8), dict(image_size=100),
                                  dict(heads=5), dict(num_experts=0)])
-def test_impossible_configs_are_refused(bad):
+def test_impossible_configs_are_refused(bad, small):
     with pytest.raises(ValueError, match="invalid DFDHRConfig: .*" + next(iter(bad))):
-        replace(SMALL, **bad)
+        replace(small, **bad)

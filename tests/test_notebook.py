@@ -15,8 +15,8 @@ from PIL import Image
 import data
 import figures
 import synthetic
-import train
 from dfdhr import DFDHR, force_exit, make_config
+from evaluate import evaluate
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "walkthrough.ipynb"
 
@@ -84,7 +84,7 @@ def test_token_overlays_show_exited_layers():
 
 @pytest.mark.parametrize("routing", ["full", "no routing"])
 def test_write_run_figures_from_evaluate(tmp_path, routing):
-    """A run's figures from train.evaluate's own metrics, with a one-class test set; without routing
+    """A run's figures from evaluate.evaluate's own metrics, with a one-class test set; without routing
     there are no gate weights, every image runs all layers and every token is kept."""
     torch.manual_seed(0)
     off = dict(layer_pruning=False, token_selection=False, expert_routing=False) if routing == "no routing" else {}
@@ -92,10 +92,10 @@ def test_write_run_figures_from_evaluate(tmp_path, routing):
     common = dict(num_videos=4, frames_per_video=1, image_size=model.config.image_size)
     sets = {"mixed": synthetic.SyntheticForgeries(methods=["faceswap", "selfblend"], seed=1, **common),
             "only fake": synthetic.SyntheticForgeries(methods=["upsample"], seed=2, real_fraction=0, **common)}
-    metrics = {name: train.evaluate(model, ds, batch=4, autocast=contextlib.nullcontext, workers=0)
+    metrics = {name: evaluate(model, ds, batch=4, autocast=contextlib.nullcontext, workers=0)
                for name, ds in sets.items()}
-    history = [dict(step=1, loss=0.8, ce=0.7, rank=1.0), dict(step=2, loss=0.7, ce=0.6, rank=0.9),
-               dict(step=2, epoch=1, **{"mixed/video_auc": 0.6, "only fake/video_auc": None})]
+    history = {"steps": [dict(step=1, loss=0.8, ce=0.7, rank=1.0), dict(step=2, loss=0.7, ce=0.6, rank=0.9)],
+               "evals": [dict(step=2, epoch=1, video_auc={"mixed": 0.6, "only fake": None})]}
     paths = figures.write_run_figures(tmp_path, metrics, history, model, sets)
     names = ["exit_layers_mixed.png", "exit_layers_only_fake.png", "roc.png", "training_curves.png",
              "token_overlays.png", "gate_weights.md", "overlays.json"]
@@ -111,6 +111,7 @@ def test_write_run_figures_from_evaluate(tmp_path, routing):
     assert ("Expert #4" in table) == (routing == "full") and ("off" in table) == (routing == "no routing")
 
 
+@pytest.mark.slow
 def test_notebook_runs_top_to_bottom():
     """Every cell of notebooks/walkthrough.ipynb runs without an error, started where Jupyter starts it.
 

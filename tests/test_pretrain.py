@@ -1,4 +1,4 @@
-"""pretrain.py and probe.py: the committed backbone is the file its record describes and loads as
+"""synthetic/pretrain.py and synthetic/probe.py: the committed backbone is the file its record describes and loads as
 the small preset's; a toy pretraining writes weights load_clip reads back exactly; CLIP's loss
 and the probe's ridge regression against independent computations."""
 import hashlib
@@ -10,15 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import pretrain
-import probe
-from dfdhr import PRESETS
-from train import SMALL_CLIP
+from dfdhr import PRESETS, SMALL_BACKBONE
+from synthetic import pretrain, probe
 from vit import load_clip
 
 
 def test_committed_backbone_matches_its_record_and_the_small_preset():
-    path = Path(SMALL_CLIP)
+    path = Path(SMALL_BACKBONE)
     record = json.loads(path.with_suffix(".json").read_text())
     assert path.stat().st_size == record["bytes"] <= 10 * 2 ** 20
     assert hashlib.sha256(path.read_bytes()).hexdigest() == record["sha256"]
@@ -77,7 +75,7 @@ def test_region_words_read_the_maps_of_each_quarter():
 
 
 def test_probe_ridge_is_sklearns_ridge():
-    """The dual form (K + λI)⁻¹(y − ½) gives the same predictions as primal ridge."""
+    """The dual form (XXᵀ + λI)⁻¹(y − ½) gives the same predictions as primal ridge."""
     from sklearn.linear_model import Ridge
     rng = np.random.default_rng(0)
     X, y, Xt = rng.normal(size=(30, 50)), rng.integers(0, 2, 30).astype(float), rng.normal(size=(7, 50))

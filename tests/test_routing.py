@@ -5,12 +5,9 @@ import pytest
 import torch
 from scipy.stats import rankdata, spearmanr
 
-from routing import (RANK_TEMPERATURE, LayerJudge, MixtureOfAdapters, exact_rank, gather_tokens,
+from routing import (LayerJudge, MixtureOfAdapters, exact_rank, gather_tokens,
                      gumbel_sigmoid, num_kept, routed_update, scatter_tokens,
                      select_tokens, soft_rank, spearman_corr, spearman_loss, still_active)
-
-LOW_T = 1e-4  # a temperature at which soft ranks are scipy's ranks
-
 
 # ----------------------------------------------------------------------------- layers
 
@@ -105,10 +102,10 @@ def test_exact_rank_matches_scipy_rankdata():
         torch.testing.assert_close(exact_rank(v), torch.from_numpy(rankdata(v, axis=-1)).float())
 
 
-def test_soft_rank_tends_to_scipy_rankdata():
+def test_soft_rank_tends_to_scipy_rankdata(low_t):
     torch.manual_seed(0)
     x = torch.randint(0, 8, (6, 40)).float()  # ties, distinct values far apart
-    ranks = soft_rank(x, temperature=LOW_T)
+    ranks = soft_rank(x, temperature=low_t)
     torch.testing.assert_close(ranks, torch.from_numpy(rankdata(x.numpy(), axis=-1)).float())
 
 
@@ -117,41 +114,41 @@ def _scipy_spearman(a, b):
 
 
 @pytest.mark.parametrize("ties", [False, True])
-def test_soft_spearman_matches_scipy_small_n(ties):
+def test_soft_spearman_matches_scipy_small_n(ties, low_t):
     torch.manual_seed(0)
     if ties:
         s, t = torch.randint(0, 4, (2, 300, 7)).float()
     else:
         s, t = torch.randn(2, 300, 7)
-    diff = spearman_corr(s, t, temperature=LOW_T).double() - _scipy_spearman(s, t)
+    diff = spearman_corr(s, t, temperature=low_t).double() - _scipy_spearman(s, t)
     # soft_rank is exact where no two scores are within ~20 t std; it blends closer pairs
     z = (s - s.mean(-1, keepdim=True)) / s.std(-1, keepdim=True)
     gaps = z.sort(-1).values.diff(dim=-1)
-    clear = ((gaps == 0) | (gaps > 20 * LOW_T)).all(-1)
+    clear = ((gaps == 0) | (gaps > 20 * low_t)).all(-1)
     assert clear.float().mean() > 0.95
     assert diff[clear].abs().max() <= 1e-5
 
 
-def test_spearman_loss_gradient_at_training_temperature():
+def test_spearman_loss_gradient_at_training_temperature(small):
     torch.manual_seed(0)
     s = torch.randn(4, 257, requires_grad=True)
-    spearman_loss(s, torch.randn(4, 257), temperature=RANK_TEMPERATURE).backward()
+    spearman_loss(s, torch.randn(4, 257), temperature=small.rank_temperature).backward()
     assert torch.isfinite(s.grad).all()
     assert (s.grad.abs().sum(-1) > 1e-4).all()
     # and the gradient is the loss's (finite differences, float64)
     s64 = torch.randn(3, 12, dtype=torch.float64, requires_grad=True)
     t64 = torch.randn(3, 12, dtype=torch.float64)
     assert torch.autograd.gradcheck(
-        lambda v: spearman_loss(v, t64, temperature=RANK_TEMPERATURE), (s64,))
+        lambda v: spearman_loss(v, t64, temperature=small.rank_temperature), (s64,))
 
 
-def test_gradient_descent_on_spearman_loss_raises_the_exact_coefficient():
+def test_gradient_descent_on_spearman_loss_raises_the_exact_coefficient(small):
     torch.manual_seed(0)
     target = torch.randn(4, 257)
     s = torch.randn(4, 257, requires_grad=True)
     before = _scipy_spearman(s.detach(), target)
     for _ in range(20):
-        spearman_loss(s, target).backward()
+        spearman_loss(s, target, temperature=small.rank_temperature).backward()
         with torch.no_grad():
             s -= 257 * s.grad
         s.grad = None
@@ -159,14 +156,14 @@ def test_gradient_descent_on_spearman_loss_raises_the_exact_coefficient():
     assert (after > before + 0.5).all(), (before, after)
 
 
-def test_soft_rank_is_scale_free():
+def test_soft_rank_is_scale_free(small):
     # the temperature is in units of the row's std: scaling the scores changes nothing
     # (up to the 1e-6 added to the std, relatively 1e-4 at scale 1e-2)
     torch.manual_seed(0)
     s, t = torch.randn(2, 4, 257, dtype=torch.float64)
-    ref = spearman_corr(s, t, temperature=RANK_TEMPERATURE)
+    ref = spearman_corr(s, t, temperature=small.rank_temperature)
     for scale in (1e-2, 1e3):
-        got = spearman_corr(scale * s + 5, t, temperature=RANK_TEMPERATURE)
+        got = spearman_corr(scale * s + 5, t, temperature=small.rank_temperature)
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
 
 
@@ -179,7 +176,7 @@ def test_constant_rows_give_zero_correlation():
 
 def test_moa_gate_gets_a_gradient_at_step_one():
     torch.manual_seed(0)
-    moa = MixtureOfAdapters(dim=16, num_experts=4, rank=8)  # default init
+    moa = MixtureOfAdapters(dim=16, num_experts=4, adapter_rank=8)  # default init
     x, w = torch.randn(2, 5, 16), torch.randn(2, 5, 16)
     (moa(x).out * w).sum().backward()
     assert moa.gate.weight.grad.abs().sum() > 0 and moa.up.weight.grad.abs().sum() > 0

@@ -1,4 +1,4 @@
-"""Tests of synthetic.py: each forgery family leaves the artifact it claims (checked with pixel
+"""The synthetic benchmark (synthetic/): each forgery family leaves the artifact it claims (checked with pixel
 masks, a Laplacian and an FFT), self-blends follow SBI's recipe (masks against a brute-force
 convex hull, blend ratios, pairs), generation is deterministic, and the protocols' splits are
 disjoint, hold out what they say and share what they say."""
@@ -7,8 +7,7 @@ import pytest
 import torch
 
 import data
-import faces
-import synthetic
+from synthetic import faces, forgeries
 
 SIZE = 96  # small frames keep the whole file fast
 
@@ -29,7 +28,7 @@ def _laplacian_energy(gray, region):  # 4-neighbour Laplacian, written out
 @pytest.mark.parametrize("seed", range(6))
 def test_self_blend_differs_from_its_real_only_inside_the_mask_at_an_sbi_ratio(seed):
     face, _, _ = _face(seed)
-    sb = synthetic.self_blend(face, np.random.default_rng(seed), strength=1.0)
+    sb = forgeries.self_blend(face, np.random.default_rng(seed), strength=1.0)
     outside, inside = sb.mask == 0, sb.mask > 0.2
     assert outside.mean() > 0.3 and inside.any()
     np.testing.assert_array_equal(sb.fake[outside], sb.real[outside])  # bit for bit
@@ -43,12 +42,12 @@ def test_hull_mask_is_the_convex_hull_of_its_points():
     from scipy.spatial import ConvexHull
     rng = np.random.default_rng(0)
     pts = rng.uniform(10, 54, (12, 2))
-    mask = synthetic.hull_mask(pts, 64)
+    mask = forgeries.hull_mask(pts, 64)
     hull = pts[ConvexHull(pts).vertices]  # counter-clockwise
     edges = np.roll(hull, -1, 0) - hull
     yy, xx = np.mgrid[0:64, 0:64] + 0.5
-    rel = np.stack([xx, yy], -1)[:, :, None, :] - hull  # (H, W, K, 2)
-    cross = edges[:, 0] * rel[..., 1] - edges[:, 1] * rel[..., 0]  # (H, W, K), > 0 inside
+    rel = np.stack([xx, yy], -1)[:, :, None, :] - hull  # (H, W, vertices, 2)
+    cross = edges[:, 0] * rel[..., 1] - edges[:, 1] * rel[..., 0]  # (H, W, vertices), > 0 inside
     dist = cross / np.linalg.norm(edges, axis=1)
     inside, outside = (dist > 1).all(-1), (dist < -1).any(-1)
     assert inside.sum() > 300
@@ -58,21 +57,21 @@ def test_hull_mask_is_the_convex_hull_of_its_points():
 @pytest.mark.parametrize("seed", range(4))
 def test_sbi_mask_is_a_soft_hull_whose_maximum_is_one(seed):
     face, _, _ = _face(seed)
-    m = synthetic.sbi_mask(face, np.random.default_rng(seed))
+    m = forgeries.sbi_mask(face, np.random.default_rng(seed))
     assert m.dtype == np.float32 and m.min() >= 0 and abs(m.max() - 1) < 1e-6
     assert ((m > 0) & (m < 1)).mean() > 0.01  # a blurred ramp, not a hard edge
 
 
 def test_feather_scale_is_one_at_the_old_mean_and_halves_every_three_quarters():
-    assert synthetic.feather_scale(.75) == 1 and synthetic.feather_scale(1.5) == .5
-    assert synthetic.feather_scale(4.5) == 2 ** -5
+    assert forgeries.feather_scale(.75) == 1 and forgeries.feather_scale(1.5) == .5
+    assert forgeries.feather_scale(4.5) == 2 ** -5
 
 
 @pytest.mark.parametrize("seed", range(4))
 def test_faceswap_changes_colour_statistics_inside_the_mask(seed):
     face, scene, rng = _face(seed)
     donor = faces.render_face(faces.random_identity(rng), scene, face.pose, SIZE).image
-    fake, mask = synthetic.forge_faceswap(face, donor, np.random.default_rng(seed), strength=1.0)
+    fake, mask = forgeries.forge_faceswap(face, donor, np.random.default_rng(seed), strength=1.0)
     np.testing.assert_array_equal(fake[mask == 0], face.image[mask == 0])
     inside = mask > 0.9
     assert np.abs(fake[inside].mean(0) - face.image[inside].mean(0)).max() > 0.02  # mean colour moved
@@ -81,7 +80,7 @@ def test_faceswap_changes_colour_statistics_inside_the_mask(seed):
 @pytest.mark.parametrize("seed", range(4))
 def test_partial_resynthesis_has_less_high_frequency_energy_in_its_region(seed):
     face, _, _ = _face(seed)
-    fake, mask = synthetic.forge_partial(face, face.image, np.random.default_rng(seed), strength=1.0)
+    fake, mask = forgeries.forge_partial(face, face.image, np.random.default_rng(seed), strength=1.0)
     region = mask > 0.99
     assert region.sum() > 50
     assert _laplacian_energy(fake.mean(-1), region) < 0.3 * _laplacian_energy(face.image.mean(-1), region)
@@ -101,7 +100,7 @@ def test_upsample_adds_a_spectral_peak_at_nyquist():
     half_nyquist_ratios = []
     for seed in range(8):
         face, _, _ = _face(seed)
-        fake, _ = synthetic.forge_upsample(face, np.random.default_rng(seed), strength=1.0)
+        fake, _ = forgeries.forge_upsample(face, np.random.default_rng(seed), strength=1.0)
         p_fake, p_face = power(fake), power(face.image)
         assert near(p_fake, SIZE // 2) > 20 * near(p_face, SIZE // 2)
         half_nyquist_ratios.append(near(p_fake, SIZE // 4) / near(p_face, SIZE // 4))
@@ -111,8 +110,8 @@ def test_upsample_adds_a_spectral_peak_at_nyquist():
 # ----------------------------------------------------------------------------- synthetic data set
 
 def _synthetic(**kw):
-    args = dict(methods=synthetic.FORGERY_METHODS, num_videos=10, frames_per_video=3, image_size=SIZE, seed=7)
-    return synthetic.SyntheticForgeries(**{**args, **kw})
+    args = dict(methods=forgeries.FORGERY_METHODS, num_videos=10, frames_per_video=3, image_size=SIZE, seed=7)
+    return forgeries.SyntheticForgeries(**{**args, **kw})
 
 
 def test_synthetic_same_seed_and_index_give_identical_tensors():
@@ -143,29 +142,29 @@ def test_synthetic_labels_methods_and_video_ids():
     videos = [x["video"] for x in items]
     assert all(videos[2 * v] == videos[2 * v + 1] for v in range(12)) and len(set(videos)) == 12
     fake_methods = [x["method"] for x in items[::2] if x["label"] == 1]
-    assert fake_methods == list(synthetic.FORGERY_METHODS) + list(synthetic.FORGERY_METHODS[:2])  # cycles
+    assert fake_methods == list(forgeries.FORGERY_METHODS) + list(forgeries.FORGERY_METHODS[:2])  # cycles
     assert [x["source"] for x in items[:2]] == ["synthetic:7/0", "synthetic:7/1"]
 
 
 def test_cross_method_splits_are_disjoint_and_hold_out_methods():
-    splits = synthetic.synthetic_splits(protocol="cross_method", image_size=SIZE, seed=3, train_videos=8,
+    splits = forgeries.synthetic_splits(protocol="cross_method", image_size=SIZE, seed=3, train_videos=8,
                                         test_videos=6, frames_per_video=2)
     videos = {name: {s.video for s in ds.samples} for name, ds in splits.items()}
     for a in videos:
         for b in videos:
             assert a == b or not videos[a] & videos[b], (a, b)
     methods = {name: {s.method for s in ds.samples} - {"real"} for name, ds in splits.items()}
-    assert methods["train"] == methods["val"] == methods["in_domain"] == set(synthetic.TRAIN_METHODS)
-    assert methods["cross_method"] == set(synthetic.HELD_OUT_METHODS)
-    assert not set(synthetic.TRAIN_METHODS) & set(synthetic.HELD_OUT_METHODS)
+    assert methods["train"] == methods["val"] == methods["in_domain"] == set(forgeries.TRAIN_METHODS)
+    assert methods["cross_method"] == set(forgeries.HELD_OUT_METHODS)
+    assert not set(forgeries.TRAIN_METHODS) & set(forgeries.HELD_OUT_METHODS)
     assert not torch.equal(splits["train"][0]["image"], splits["in_domain"][0]["image"])  # other identities
 
 
 def test_sbi_protocol_trains_on_pairs_and_tests_each_family_against_shared_reals():
-    splits = synthetic.synthetic_splits(image_size=SIZE, seed=3, train_videos=3, test_videos=5, frames_per_video=2,
+    splits = forgeries.synthetic_splits(image_size=SIZE, seed=3, train_videos=3, test_videos=5, frames_per_video=2,
                                         test_real_videos=4)
     train = splits.pop("train")
-    assert isinstance(train, synthetic.SelfBlendPairs) and train.group_size == 2 and len(train) == 3 * 2 * 2
+    assert isinstance(train, forgeries.SelfBlendPairs) and train.group_size == 2 and len(train) == 3 * 2 * 2
     assert [s.label for s in train.samples] == [0, 1] * 6
     assert {s.method for s in splits["val"].samples} == {"real", "selfblend"}
     families = {k: v for k, v in splits.items() if k != "val"}
@@ -186,7 +185,7 @@ def test_sbi_protocol_trains_on_pairs_and_tests_each_family_against_shared_reals
 
 
 def test_self_blend_pairs_share_the_frame_and_differ_only_in_the_blend():
-    pairs = synthetic.SelfBlendPairs(num_videos=2, frames_per_video=2, image_size=SIZE, seed=5, strength=4.0)
+    pairs = forgeries.SelfBlendPairs(num_videos=2, frames_per_video=2, image_size=SIZE, seed=5, strength=4.0)
     changed = []
     for k in range(4):
         real, fake = (np.asarray(pairs.image(2 * k + j), dtype=np.float32) for j in (0, 1))
@@ -200,10 +199,10 @@ def test_self_blend_pairs_share_the_frame_and_differ_only_in_the_blend():
 
 
 def test_prerender_keeps_exactly_the_frames_the_data_sets_draw():
-    splits = synthetic.synthetic_splits(image_size=64, seed=2, train_videos=2, test_videos=2, frames_per_video=2)
+    splits = forgeries.synthetic_splits(image_size=64, seed=2, train_videos=2, test_videos=2, frames_per_video=2)
     direct = {name: [np.asarray(ds.dataset.image(ds.indices[i]) if hasattr(ds, "indices") else ds.image(i))
                      for i in range(len(ds))] for name, ds in splits.items()}
-    assert synthetic.prerender(splits.values(), workers=2) == 8 + 4 + (2 + 4 * 2) * 2  # the shared set once
+    assert forgeries.prerender(splits.values(), workers=2) == 8 + 4 + (2 + 4 * 2) * 2  # the shared set once
     for name, ds in splits.items():
         for i, want in enumerate(direct[name]):
             got = ds.dataset.image(ds.indices[i]) if hasattr(ds, "indices") else ds.image(i)
@@ -240,7 +239,7 @@ def test_synthetic_rejects_unknown_methods():
 
 
 def test_a_frame_drawn_unforged_is_the_real_frame_under_the_forgery():
-    ds = synthetic.SyntheticForgeries(methods=["faceswap"], num_videos=4, frames_per_video=2, image_size=SIZE, seed=4)
+    ds = forgeries.SyntheticForgeries(methods=["faceswap"], num_videos=4, frames_per_video=2, image_size=SIZE, seed=4)
     for i, s in enumerate(ds.samples):
         forged, pristine = (np.asarray(ds.image(i, forged=f), dtype=np.float32) for f in (True, False))
         if s.label == 0:

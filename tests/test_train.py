@@ -1,4 +1,4 @@
-"""train.py: metrics against hand computations, options, a short run that learns, exact resume."""
+"""train.py: options, the data's order, a short run that learns, the step compiled, exact resume, DDP."""
 import itertools
 import json
 import os
@@ -12,41 +12,13 @@ import torch
 from PIL import Image
 
 import cli
-import compare_methods
+import data
+import finetune
 import predict
+import synthetic
 import train
+from benchmarks import compare_methods
 from dfdhr import DFDHRConfig
-from train import compute_metrics
-
-# A tiny run: a 4-layer width-64 backbone from scratch on 32 px views, a few synthetic videos of the
-# cross-method protocol (its test sets are "in_domain" and "cross_method").
-TINY = ["--init_from=scratch", "--synthetic_protocol=cross_method", "--width=64", "--heads=2", "--layers=4", "--first_routed_layer=2", "--embed_dim=64", "--adapter_rank=8",
-        "--judge_hidden=8", "--view_size=32", "--image_size=64", "--synthetic_train_videos=8",
-        "--synthetic_test_videos=4", "--frames_per_video=2", "--batch_size=4", "--eval_batch_size=8",
-        "--num_workers=0", "--log_interval=1000", "--dtype=fp32"]
-
-
-def test_metrics_against_hand_computation():
-    probs = [0.1, 0.4, 0.35, 0.8, 0.7, 0.2]
-    labels = [0, 0, 1, 1, 1, 0]
-    videos = ["r1", "r1", "f1", "f1", "f2", "r2"]
-    m = compute_metrics(probs, labels, videos)
-    # Frame AUC: of the 9 (fake, real) pairs, the fake scores higher in all but (0.35 vs 0.4).
-    assert m["frame_auc"] == pytest.approx(8 / 9)
-    # Video AUC over mean probabilities: r1 0.25, r2 0.2, f1 0.575, f2 0.7 -> perfectly ranked.
-    assert m["video_auc"] == pytest.approx(1.0) and m["videos"] == 4
-    assert m["acc"] == pytest.approx(5 / 6)  # 0.35 is the one fake below 0.5
-    # EER: flagging scores >= 0.4 as fake misses one fake of three (0.35) and flags one real of
-    # three (0.4): false positive rate = miss rate = 1/3.
-    assert m["eer"] == pytest.approx(1 / 3)
-    # AP: ranked 0.8 f, 0.7 f, 0.4 r, 0.35 f, 0.2 r, 0.1 r -> precision at the fakes 1, 1, 3/4.
-    assert m["ap"] == pytest.approx((1 + 1 + 0.75) / 3)
-
-
-def test_one_class_test_set_says_so():
-    m = compute_metrics([0.2, 0.9], [1, 1], ["a", "b"])
-    assert m["frame_auc"] is None and m["video_auc"] is None and "only one class (fake)" in m["note"]
-    assert m["acc"] == 0.5
 
 
 def test_overrides_are_typed_and_checked():
@@ -74,9 +46,9 @@ def test_paper_preset_takes_the_released_recipe_unless_overridden():
     assert (cfg.lr, cfg.dtype, cfg.batch_size) == (3e-4, "bf16", 64)
 
 
-def test_default_protocol_scores_each_family_against_the_same_reals(tmp_path):
+def test_default_protocol_scores_each_family_against_the_same_reals(tmp_path, tiny_run):
     """The SBI protocol of the default run: trained on pairs, one test set per family."""
-    args = [a for a in TINY if not a.startswith("--synthetic_protocol")]
+    args = [a for a in tiny_run if not a.startswith("--synthetic_protocol")]
     train.main(args + ["--max_iters=2", "--synthetic_test_videos=3", "--test_frames_per_video=1",
                        f"--out_dir={tmp_path}"])
     metrics = json.loads((tmp_path / "metrics.json").read_text())
@@ -89,35 +61,14 @@ def test_default_protocol_scores_each_family_against_the_same_reals(tmp_path):
                                            metrics["selfblend"]["scores"]["label"]) if y == 0]
 
 
-def test_family_test_sets_evaluated_together_score_as_each_alone():
-    import contextlib
-    import synthetic
-    from dfdhr import DFDHR, make_config
-    torch.manual_seed(0)
-    model = DFDHR(make_config("small", width=64, heads=1, layers=4, first_routed_layer=2, embed_dim=64,
-                              adapter_rank=8, judge_hidden=8, view_size=32, image_size=64))
-    sets = synthetic.synthetic_splits(image_size=64, seed=0, train_videos=0, test_videos=3, frames_per_video=1)
-    sets = {k: v for k, v in sets.items() if k not in ("train", "val")}
-    kw = dict(batch=5, autocast=contextlib.nullcontext, workers=0)
-    together = train.evaluate_sets(model, sets, **kw)
-    for name, ds in sets.items():
-        alone = train.evaluate(model, ds, **kw)
-        a, b = together[name]["scores"], alone["scores"]  # other batch compositions: float rounding only
-        assert a["label"] == b["label"] and a["method"] == b["method"]
-        np.testing.assert_allclose(a["prob"], b["prob"], atol=1e-6)
-        assert together[name]["exit_layers"] == alone["exit_layers"]
-        assert together[name]["video_auc"] == pytest.approx(alone["video_auc"])
-        np.testing.assert_allclose(together[name]["gate_weights"]["fake"], alone["gate_weights"]["fake"])
-
-
 def test_pairs_stay_in_one_batch_and_in_one_process(tmp_path):
     """A data set with group_size 2 (a frame and its self-blend) is shuffled in pairs, and each
     DDP process gets whole pairs; the concatenated shares are the whole batch."""
-    import synthetic
     pairs = synthetic.SelfBlendPairs(num_videos=6, frames_per_video=2, image_size=32, seed=0)
     cfg = train.Settings(batch_size=8, num_workers=0, seed=3)
-    one = [b for _, b in itertools.islice(train.batches(pairs, cfg, step=0, rank=0, world=1), 3)]
-    two = [[b for _, b in itertools.islice(train.batches(pairs, cfg, step=0, rank=r, world=2), 3)] for r in (0, 1)]
+    one = [b for _, b in itertools.islice(train.batches(pairs, cfg, step=0, ddp_rank=0, world=1), 3)]
+    two = [[b for _, b in itertools.islice(train.batches(pairs, cfg, step=0, ddp_rank=r, world=2), 3)]
+           for r in (0, 1)]
     for k, b in enumerate(one):
         sources = [int(s.rsplit("/", 1)[1]) for s in b["source"]]
         assert all(sources[i] // 2 == sources[i + 1] // 2 and sources[i] % 2 == 0 for i in range(0, 8, 2))
@@ -126,37 +77,43 @@ def test_pairs_stay_in_one_batch_and_in_one_process(tmp_path):
     assert len(set(seen)) == 24  # one epoch of 3 batches: every sample once
 
 
-def test_short_run_learns(tmp_path):
+@pytest.mark.slow
+def test_short_run_learns(tmp_path, tiny_run):
     """Smoke test with a real assertion: the loss falls and unseen videos are ranked above chance.
 
     The up-sampling checkerboard is the cue a tiny backbone from scratch learns within seconds.
     """
-    args = TINY + ["--synthetic_train_videos=96", "--synthetic_test_videos=32", "--frames_per_video=4",
+    args = tiny_run + ["--synthetic_train_videos=96", "--synthetic_test_videos=32", "--frames_per_video=4",
                    "--epochs=4", "--batch_size=16", "--eval_batch_size=64", "--synthetic_train_methods=upsample",
                    "--synthetic_test_methods=upsample", "--freeze_backbone=false", f"--out_dir={tmp_path}"]
     train.main(args)
-    history = [h for h in json.loads((tmp_path / "history.json").read_text()) if "loss" in h]
-    first, last = np.mean([h["ce"] for h in history[:6]]), np.mean([h["ce"] for h in history[-6:]])
+    history = json.loads((tmp_path / "history.json").read_text())
+    steps = history["steps"]
+    first, last = np.mean([h["ce"] for h in steps[:6]]), np.mean([h["ce"] for h in steps[-6:]])
     assert last < first
-    evaluations = [h for h in json.loads((tmp_path / "history.json").read_text()) if "epoch" in h]
-    assert evaluations[-1]["in_domain/video_auc"] > 0.65  # 32 new videos; chance is 0.5 ± 0.1
+    assert history["evals"][-1]["video_auc"]["in_domain"] > 0.65  # 32 new videos; chance is 0.5 ± 0.1
 
 
-def test_compiled_training_steps_as_eager_training_does(tmp_path):
+@pytest.mark.slow
+def test_compiled_training_steps_as_eager_training_does(tmp_path, tiny_run):
     """--compile: the same losses step by step as eager mode (the same Gumbel draws; steps 2 and 3
     see the weights the compiled backward and Adam made)."""
     runs, graphs = {}, {}
     for mode in ("eager", "compiled"):
         torch._dynamo.utils.counters.clear()
-        train.main(TINY + ["--max_iters=3", f"--compile={mode == 'compiled'}", f"--out_dir={tmp_path / mode}"])
+        train.main(tiny_run + ["--max_iters=3", f"--compile={mode == 'compiled'}", f"--out_dir={tmp_path / mode}"])
         graphs[mode] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-        runs[mode] = [h["loss"] for h in json.loads((tmp_path / mode / "history.json").read_text()) if "loss" in h]
+        runs[mode] = [h["loss"] for h in json.loads((tmp_path / mode / "history.json").read_text())["steps"]]
     assert graphs["eager"] == 0 and graphs["compiled"] > 0  # the compiled run did run compiled graphs
     assert len(runs["eager"]) == 3 and runs["compiled"] == pytest.approx(runs["eager"], abs=1e-5)
 
 
-def test_predict_scores_a_folder_as_evaluation_does(tmp_path, capsys):
-    train.main(TINY + ["--max_iters=1", f"--out_dir={tmp_path / 'run'}"])
+@pytest.mark.slow
+def test_predict_scores_a_folder_as_evaluation_does(tmp_path, capsys, tiny_run):
+    train.main(tiny_run + ["--max_iters=1", f"--out_dir={tmp_path / 'run'}"])
+    machine = json.loads((tmp_path / "run" / "config.json").read_text())["machine"]  # where the run computed
+    assert capsys.readouterr().out.splitlines()[0] == "machine: " + ", ".join(f"{k} {v}" for k, v in machine.items())
+    assert machine["precision"] == "fp32" and machine["torch"] == torch.__version__
     (tmp_path / "faces").mkdir()
     for i in range(2):
         pixels = np.random.default_rng(i).integers(0, 256, (70, 70, 3), dtype=np.uint8)
@@ -170,7 +127,7 @@ def test_predict_scores_a_folder_as_evaluation_does(tmp_path, capsys):
     model, _ = predict.load_model(tmp_path / "run" / "best.pt")
     for i in range(2):  # the same score as the model on the same preprocessing, eager and compiled
         path = tmp_path / "faces" / f"{i}.png"
-        x = train.data.to_input(train.data.load_image(path), model.config.image_size)[None]
+        x = data.to_input(data.load_image(path), model.config.image_size)[None]
         assert results[str(path)]["score"] == pytest.approx(model.predict(x)[0].item(), abs=1e-6)
         assert compiled[str(path)]["score"] == pytest.approx(model.predict(x)[0].item(), abs=1e-5)
     rows = (tmp_path / "run" / "predictions.csv").read_text().splitlines()
@@ -181,10 +138,11 @@ def weights(path):
     return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
-def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+@pytest.mark.slow
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_run):
     straight, halves = tmp_path / "straight", tmp_path / "halves"
-    train.main(TINY + ["--epochs=2", f"--out_dir={straight}"])  # 2 epochs of 4 steps
-    train.main(TINY + ["--epochs=2", "--max_iters=3", f"--out_dir={halves}"])  # stops inside epoch 0
+    train.main(tiny_run + ["--epochs=2", f"--out_dir={straight}"])  # 2 epochs of 4 steps
+    train.main(tiny_run + ["--epochs=2", "--max_iters=3", f"--out_dir={halves}"])  # stops inside epoch 0
     train.main(["--init_from=resume", "--max_iters=0", f"--out_dir={halves}"])
     a, b = weights(straight / "last.pt"), weights(halves / "last.pt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -192,19 +150,20 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
         json.loads((halves / "metrics.json").read_text())["in_domain"]["frame_auc"]
 
 
-def test_resume_refuses_a_different_model(tmp_path):
-    train.main(TINY + ["--max_iters=1", f"--out_dir={tmp_path}"])
+def test_resume_refuses_a_different_model(tmp_path, tiny_run):
+    train.main(tiny_run + ["--max_iters=1", f"--out_dir={tmp_path}"])
     with pytest.raises(SystemExit, match=r"last\.pt was trained with a different config: keep_ratio: checkpoint 0.75 vs now 0.5"):
         train.main(["--init_from=resume", "--keep_ratio=0.5", f"--out_dir={tmp_path}"])
 
 
-def test_two_gloo_processes_match_one(tmp_path):
+@pytest.mark.slow
+def test_two_gloo_processes_match_one(tmp_path, tiny_run):
     """DistributedDataParallel on CPU: 2 processes with half batches each = 1 process with the whole batch.
 
     Run on the deterministic `fusion_only` ablation: the routers' Gumbel and gate noise is drawn
     per process, so with it the two runs would differ in their noise, not in their arithmetic.
     """
-    args = TINY + ["--ablation=fusion_only", "--max_iters=4", "--augment=false"]
+    args = tiny_run + ["--ablation=fusion_only", "--max_iters=4", "--augment=false"]
     train.main(args + [f"--out_dir={tmp_path / 'one'}"])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
@@ -217,8 +176,8 @@ def test_two_gloo_processes_match_one(tmp_path):
         assert one[name]["frame_auc"] == pytest.approx(two[name]["frame_auc"], abs=1e-6)
 
 
-def test_ablation_table_states_each_rows_regime_and_parameters(tmp_path, capsys):
-    table = compare_methods.main(TINY + ["--ablations=baseline,+expert_routing", "--max_iters=1",
+def test_ablation_table_states_each_rows_regime_and_parameters(tmp_path, capsys, tiny_run):
+    table = compare_methods.main(tiny_run + ["--ablations=baseline,+expert_routing", "--max_iters=1",
                                          f"--out_dir={tmp_path}"])
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in table.splitlines()
             if line.startswith("| baseline") or line.startswith("| +expert")}
@@ -226,5 +185,5 @@ def test_ablation_table_states_each_rows_regime_and_parameters(tmp_path, capsys)
     assert rows["baseline"][1] == "fine-tuned" and rows["+expert_routing"][1] == "frozen"
     for name, row in rows.items():  # the parameters that train, counted from the run's own model
         model, _ = predict.load_model(tmp_path / name / "last.pt")
-        assert int(row[2].replace(",", "")) == sum(p.numel() for p in model.parameters() if p.requires_grad)
+        assert int(row[2].replace(",", "")) == finetune.count_trainable(model)
         assert cfg[name]["freeze_backbone"] == (name == "+expert_routing")

@@ -9,12 +9,12 @@ from vit import Block, CheckpointError, VisionTransformer, explicit_attention, l
 
 transformers = pytest.importorskip("transformers")
 
-TINY = dict(image_size=32, patch_size=8, width=64, layers=3, heads=2, output_dim=48)  # head width 32, not 64
+TINY_VIT = dict(image_size=32, patch_size=8, width=64, layers=3, heads=2, output_dim=48)  # head width 32, not 64
 
 
 def tiny_model(seed=0, **overrides):
     torch.manual_seed(seed)
-    return VisionTransformer(**{**TINY, **overrides}).eval()
+    return VisionTransformer(**{**TINY_VIT, **overrides}).eval()
 
 
 def images(n=2, size=32, seed=1):
@@ -93,7 +93,7 @@ def test_openai_formats_round_trip(tmp_path):
     torch.save(full.state_dict(), tmp_path / "full.pt")  # full CLIP, `visual.` prefix
     torch.save(model.state_dict(), tmp_path / "visual.pt")  # image encoder only, no prefix
     for path in ("ViT-tiny.pt", "full.pt", "visual.pt"):
-        (tmp_path / path).with_suffix(".json").write_text('{"heads": 2}')  # TINY breaks OpenAI's rule
+        (tmp_path / path).with_suffix(".json").write_text('{"heads": 2}')  # TINY_VIT breaks OpenAI's rule
         with torch.no_grad():
             got = load_clip(tmp_path / path, heads=2)(x)
         assert torch.equal(got, want), path
@@ -115,7 +115,7 @@ def test_hidden_states_end_in_forward():
     model, x = tiny_model(), images()
     with torch.no_grad():
         states = model.hidden_states(x)
-        assert len(states) == TINY["layers"] + 1
+        assert len(states) == TINY_VIT["layers"] + 1
         assert torch.allclose(model.project(states[-1][:, 0]), model(x), atol=1e-6)
 
 
@@ -153,7 +153,7 @@ def test_bad_checkpoints_get_clear_errors(tmp_path):
     msg = bad(tmp_path, "extra.pt", {**sd, "transformer.resblocks.0.attn.gate": torch.zeros(3)})
     assert "unexpected keys (1): transformer.resblocks.0.attn.gate" in msg
     msg = bad(tmp_path, "shape.pt", {**sd, "ln_post.weight": torch.ones(65)})
-    assert "shape mismatches (1): ln_post.weight: file (65,) vs model (64,)" in msg
+    assert "shapes differ (1): ln_post.weight: file (65,) vs model (64,)" in msg
     msg = bad(tmp_path, "resnet.pt", {"visual.layer1.0.conv1.weight": torch.zeros(4, 4, 1, 1)})
     assert "resnet.pt: no CLIP ViT image encoder" in msg
     msg = bad(tmp_path, "wrapped.pt", {"model": sd, "step": 3})

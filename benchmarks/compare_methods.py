@@ -1,10 +1,10 @@
-"""The project's own supp. Tab. A and main ablation: fine-tuning methods of peft.py, DFD-HR and rows of
-dfdhr.ABLATIONS, each trained by train.py with the same budget on the same data, in one table.
+"""The project's own supp. Tab. A and main ablation: fine-tuning methods of finetune.py, DFD-HR and rows
+of dfdhr.ABLATIONS, each trained by train.py with the same budget on the same data, in one table.
 
-    python compare_methods.py                                   # all methods, each one train.py run, synthetic benchmark
-    python compare_methods.py --methods=lora,dora,dfdhr --max_iters=300 --synthetic_train_videos=480
-    python compare_methods.py --ablations=main                  # the main ablation: baseline, each router added, full
-    python compare_methods.py --params_only                     # trainable parameters at the paper's size
+    python -m benchmarks.compare_methods                        # every method, a train.py run each, synthetic benchmark
+    python -m benchmarks.compare_methods --methods=lora,dora,dfdhr --max_iters=300 --synthetic_train_videos=480
+    python -m benchmarks.compare_methods --ablations=main       # the main ablation: baseline, each router added, full
+    python -m benchmarks.compare_methods --params_only          # trainable parameters at the paper's size
 
 The options of this script are `Options` below; every other `--key=value` goes to each train.py run unchanged. Run NAME
 writes to out_dir/NAME/ (train.py's files); the table goes to out_dir/comparison.md and is printed.
@@ -18,14 +18,14 @@ from pathlib import Path
 import torch
 
 import cli
-import peft
+import finetune
 import train
 from dfdhr import ABLATIONS, DFDHR, DFDHRConfig, make_config
 
 
 @dataclass(frozen=True)
 class Options:
-    methods: str = ",".join((*peft.METHODS, "dfdhr"))  # comma-separated
+    methods: str = ",".join((*finetune.METHODS, "dfdhr"))  # comma-separated
     ablations: str = ""         # instead of methods: rows of dfdhr.ABLATIONS, comma-separated, or "main"
     out_dir: str = "out/compare"
     max_iters: int = 0          # steps per run (0: train.py's own, its epochs)
@@ -40,11 +40,11 @@ MAIN_ABLATION = ("baseline", "+layer_pruning", "+token_selection", "+expert_rout
 def trainable(config, method):
     """Trainable parameters of `method` on a model of `config`, built on the meta device: no memory, no time."""
     with torch.device("meta"):
-        return peft.count_trainable(train.build_model(train.Settings(method=method), config))
+        return finetune.count_trainable(finetune.build_model(method, config))
 
 
 def params_table(names, preset="paper"):
-    """Markdown: trainable parameters of each method at `preset` (baseline model + peft.apply; DFD-HR's own)."""
+    """Markdown: trainable parameters of each method at `preset` (baseline model + finetune.apply; DFD-HR's own)."""
     with torch.device("meta"):
         backbone = sum(p.numel() for p in DFDHR(make_config(preset, "baseline")).backbone.parameters())
     lines = [f"| method | trainable parameters | % of the backbone ({backbone / 1e6:.1f}M) |", "|---|---:|---:|"]
@@ -71,7 +71,7 @@ def main(argv):
         kind = "ablation"
     else:
         names = [m for m in opts.methods.split(",") if m]
-        unknown = [m for m in names if m != "dfdhr" and m not in peft.METHODS]
+        unknown = [m for m in names if m != "dfdhr" and m not in finetune.METHODS]
         kind = "method"
     if unknown:
         raise SystemExit(f"unknown {kind}s {unknown}")
@@ -102,7 +102,7 @@ def main(argv):
         if config is None:
             backbone = None
         elif kind == "method" and name != "baseline":
-            backbone = "PEFT"  # the method decides what of the backbone trains (peft.py)
+            backbone = "PEFT"  # the method decides what of the backbone trains (finetune.py)
         else:
             backbone = "frozen" if config["freeze_backbone"] else "fine-tuned"
         test_sets += [t for t in metrics if t not in test_sets]
@@ -111,13 +111,13 @@ def main(argv):
     header = [kind, "backbone", "trainable params", *[f"{t} video AUC" for t in test_sets], "GMAC / image", "seconds"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, backbone, params, metrics, seconds, error in rows:
-        gflops = next(iter(metrics.values()))["gflops_per_image"] if metrics else None
+        gmac = next(iter(metrics.values()))["gmac_per_image"] if metrics else None
         cells = [name, backbone or "", fmt(params, ","), *[fmt(metrics.get(t, {}).get("video_auc")) for t in test_sets],
-                 fmt(gflops, ".3f"), f"{seconds:.0f}"]
+                 fmt(gmac, ".3f"), f"{seconds:.0f}"]
         lines.append("| " + " | ".join(cells) + " |" + (f" failed: {error}" if error else ""))
     settings = " ".join([f"--max_iters={opts.max_iters}", *passed])
     table = (f"Same budget for every run: `{settings}`\n\n" + "\n".join(lines) + "\n\n"
-             "GMAC (multiply-adds, the paper's FLOPs): train.py's estimate (dfdhr.estimate_flops) at the exits taken; for the methods of peft.py it is\n"
+             "GMAC (multiply-adds, the paper's FLOPs): train.py's estimate (dfdhr.estimate_flops) at the exits taken; for the methods of finetune.py it is\n"
              "the plain ViT's, without the adapters' or prompts' own cost (VPT-deep runs N + 5 tokens).")
     root.mkdir(parents=True, exist_ok=True)
     (root / "comparison.md").write_text(table + "\n")

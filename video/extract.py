@@ -1,7 +1,7 @@
 """Face crops from videos: the preprocessing that turns FaceForensics++, Celeb-DF v2 or any tree of
 real and fake videos into the frame folders that data.FrameFolder reads (README "From videos").
 
-    python extract.py VIDEOS_ROOT OUT_ROOT [--frames=32] [--size=256] [--workers=1] [--detector=dlib|haar]
+    python -m video.extract VIDEOS_ROOT OUT_ROOT [--frames=32] [--size=256] [--workers=1] [--detector=dlib|haar]
                       [--compression=c23] [--only=LIST|SPLIT.json] [--json=PATH --split=train]
 
 As DeepfakeBench's preprocessing, on which the paper's data rest: N frames taken evenly from each
@@ -22,7 +22,7 @@ last: a rerun skips finished videos and redoes half-written ones. Empty files, u
 and videos without a face in any frame are skipped and listed with the reason in
 OUT_ROOT/skipped_videos.txt; the run goes on.
 
-Detectors (requirements-video.txt; see README "From videos" for how they compare):
+Detectors (video/requirements.txt; see README "From videos" for how they compare):
   dlib  dlib's HOG frontal-face detector (pip install dlib-bin), the default;
   haar  OpenCV's Haar cascade haarcascade_frontalface_default.xml (in OpenCV 4's cv2/data).
 Letters: H, W frame height and width; S crop side. A box is (x, y, w, h) in frame pixels.
@@ -70,8 +70,8 @@ def _need(module: str, package: str):
     try:
         return importlib.import_module(module)
     except ImportError as err:
-        raise ImportError(f"extract.py needs {package} for {module}: pip install '{package}' "
-                          f"(or pip install -r requirements-video.txt)") from err
+        raise ImportError(f"video/extract.py needs {package} for {module}: pip install '{package}' "
+                          f"(or pip install -r video/requirements.txt)") from err
 
 
 def is_video(path) -> bool:

@@ -1,4 +1,4 @@
-"""The synthetic face world that the benchmark (synthetic.py) forges and pretrain.py photographs:
+"""The synthetic face world that the benchmark (forgeries.py) forges and pretrain.py photographs:
 random identities, scenes and head poses, a face rendered from them, its landmarks, and the
 camera's post-processing. Nothing here forges: pretrain.py's backbone never sees a forgery.
 

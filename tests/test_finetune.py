@@ -1,4 +1,4 @@
-"""peft.py: each method of supp. Tab. A trains exactly its parameters, starts where the paper's
+"""finetune.py: each method of supp. Tab. A trains exactly its parameters, starts where the paper's
 method starts, and computes what its paper writes: checked against numpy decompositions, hand
 formulas and second implementations written out here."""
 import copy
@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 from threadpoolctl import threadpool_limits  # comes with scikit-learn
 
-import peft
+import finetune
 from dfdhr import DFDHR, make_config
 
 CFG = make_config("small", "baseline")
-L, D, C = CFG.layers, CFG.width, CFG.embed_dim
-HEAD = 2 * C + 2  # Linear(C, 2)
+L, D, P = CFG.layers, CFG.width, CFG.embed_dim
+HEAD = 2 * P + 2  # Linear(P, 2)
 
 # Expected trainable parameters, written from the method descriptions: a name pattern (besides the
 # head, which always trains), the number of such tensors, and for the added methods their size.
@@ -24,7 +24,7 @@ LINEAR = (r"backbone\.transformer\.resblocks\.\d+\.(attn\.parametrizations\.in_p
 ATTN = (r"backbone\.transformer\.resblocks\.\d+\.attn\."
         r"(parametrizations\.in_proj_weight|out_proj\.parametrizations\.weight)\.0\.")
 LAST4 = "|".join(str(i) for i in range(L - 4, L))
-r = peft.RANK
+r = finetune.RANK
 LORA_SIZE = L * r * (3 * (D + D) + (D + D) + (D + 4 * D) + (4 * D + D))  # q, k, v one each; out; c_fc; c_proj
 EXPECTED = {  # method: (pattern, tensors, numel or None)
     "baseline": (r".*", None, None),
@@ -71,14 +71,10 @@ def base_model(seed=0):
     return model
 
 
-def images(n=2, seed=1):
-    return torch.randn(n, 3, CFG.image_size, CFG.image_size, generator=torch.Generator().manual_seed(seed))
-
-
 def adapted(method, seed=0):
     """(base, adapted copy) of the same random model."""
     base = base_model(seed)
-    return base, peft.apply(copy.deepcopy(base), method).eval()
+    return base, finetune.apply(copy.deepcopy(base), method).eval()
 
 
 @torch.no_grad()
@@ -91,12 +87,12 @@ def perturb(model, scale=0.05, seed=2):
 
 
 def test_methods_list():
-    assert peft.METHODS[0] == "baseline" and "dfdhr" not in peft.METHODS
-    assert set(EXPECTED) == set(peft.METHODS)
+    assert finetune.METHODS[0] == "baseline" and "dfdhr" not in finetune.METHODS
+    assert set(EXPECTED) == set(finetune.METHODS)
 
 
-@pytest.mark.parametrize("method", peft.METHODS)
-def test_only_intended_parameters_train(method):
+@pytest.mark.parametrize("method", finetune.METHODS)
+def test_only_intended_parameters_train(method, inputs):
     """Exactly the method's parameters and the head get a non-zero gradient; the frozen ones none."""
     _, model = adapted(method)
     pattern, tensors, numel = EXPECTED[method]
@@ -106,12 +102,12 @@ def test_only_intended_parameters_train(method):
     assert trainable == expected
     if tensors is not None:
         assert sum(not n.startswith("head.") for n in trainable) == tensors
-    head = HEAD if method != "mlp3" else 2 * (C * C + C) + HEAD  # MLP-3: C -> C -> C -> 2
+    head = HEAD if method != "mlp3" else 2 * (P * P + P) + HEAD  # MLP-3: P -> P -> P -> 2
     if numel is not None:
-        assert peft.count_trainable(model) == numel + head
+        assert finetune.count_trainable(model) == numel + head
     perturb(model)
     model.train()
-    loss = F.cross_entropy(model(images(4)).logits, torch.tensor([0, 1, 0, 1]))
+    loss = F.cross_entropy(model(inputs(CFG, 4, seed=1)).logits, torch.tensor([0, 1, 0, 1]))
     loss.backward()
     for n, p in model.named_parameters():
         if n in expected:
@@ -121,15 +117,15 @@ def test_only_intended_parameters_train(method):
 
 
 @pytest.mark.parametrize("method", UNCHANGED_AT_INIT)
-def test_output_unchanged_at_init(method):
+def test_output_unchanged_at_init(method, inputs):
     base, model = adapted(method)
-    x = images()
+    x = inputs(CFG, seed=1)
     torch.testing.assert_close(model(x).logits, base(x).logits, rtol=0, atol=1e-5)
 
 
-def test_vpt_changes_the_output():
+def test_vpt_changes_the_output(inputs):
     base, model = adapted("vpt_deep")
-    x = images()
+    x = inputs(CFG, seed=1)
     assert (model(x).logits - base(x).logits).abs().max() > 1e-4
 
 
@@ -167,14 +163,14 @@ def test_decomposition_reconstructs_the_weight(method):
 
 
 @pytest.mark.parametrize("method", ["lora", "rslora", "dora", "ia3", "effort"])
-def test_merge_equals_unmerged(method):
+def test_merge_equals_unmerged(method, inputs):
     """`merge` writes W' into the weights: same output, plain weights a baseline model loads strictly."""
     _, model = adapted(method)
     perturb(model)
-    x = images()
+    x = inputs(CFG, seed=1)
     with torch.no_grad():
         unmerged = model(x).logits
-    peft.merge(model)
+    finetune.merge(model)
     assert not any("parametrizations" in n for n, _ in model.named_parameters())
     plain = base_model(seed=5)
     plain.load_state_dict(model.state_dict())
@@ -186,7 +182,7 @@ def test_merge_equals_unmerged(method):
 @pytest.mark.parametrize("method", ["lora", "rslora", "pissa", "olora", "gaussian_lora"])
 def test_lora_scales(method):
     """W' = W_frozen + s·BA with s = α/r, except rsLoRA's rank-stabilised α/√r."""
-    scale = peft.ALPHA / (r ** 0.5 if method == "rslora" else r)
+    scale = finetune.ALPHA / (r ** 0.5 if method == "rslora" else r)
     _, model = adapted(method)
     perturb(model)
     fc = model.backbone.blocks[1].mlp.c_fc
@@ -234,7 +230,7 @@ def manual_block(block, x, *, lk=1, lv=1, lff=1):
     h = F.layer_norm(x, (D,), block.ln_1.weight, block.ln_1.bias)
     q, k, v = F.linear(h, block.attn.in_proj_weight, block.attn.in_proj_bias).chunk(3, -1)
     k, v = k * lk, v * lv
-    split = lambda t: t.unflatten(-1, (H, D // H)).transpose(1, 2)  # noqa: E731  (B, H, N, C)
+    split = lambda t: t.unflatten(-1, (H, D // H)).transpose(1, 2)  # noqa: E731  (B, H, N, D/H)
     att = (split(q) @ split(k).transpose(-1, -2) / (D // H) ** 0.5).softmax(-1) @ split(v)
     x = x + block.attn.out_proj(att.transpose(1, 2).flatten(2))
     h = F.layer_norm(x, (D,), block.ln_2.weight, block.ln_2.bias)
@@ -271,10 +267,10 @@ def test_adapters_sit_on_sublayer_outputs_before_the_residual():
 
 
 @torch.no_grad()
-def test_vpt_deep_against_explicit_prompts():
+def test_vpt_deep_against_explicit_prompts(inputs):
     """VPT-deep written out: each layer's input is [CLS, its own prompts, patches] (the paper's order)."""
     base, model = adapted("vpt_deep")
-    x = images()
+    x = inputs(CFG, seed=1)
     bb = base.backbone
     h = bb.embed(x)  # (B, N, D)
     for block, vpt in zip(bb.blocks, model.backbone.blocks):
@@ -285,21 +281,21 @@ def test_vpt_deep_against_explicit_prompts():
     torch.testing.assert_close(model(x).logits, expected, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", peft.METHODS)
-def test_state_dict_loads_into_the_same_method(method):
+@pytest.mark.parametrize("method", finetune.METHODS)
+def test_state_dict_loads_into_the_same_method(method, inputs):
     """What train.py's resume does: a fresh model, the same `apply`, a strict load, the same outputs."""
     _, model = adapted(method, seed=0)
     perturb(model)
-    other = peft.apply(base_model(seed=7), method).eval()
+    other = finetune.apply(base_model(seed=7), method).eval()
     other.load_state_dict(model.state_dict())
-    x = images()
+    x = inputs(CFG, seed=1)
     with torch.no_grad():
         torch.testing.assert_close(other(x).logits, model(x).logits, rtol=0, atol=0)
 
 
 def test_refuses_unknown_method_and_routed_model():
     with pytest.raises(ValueError, match="unknown method"):
-        peft.apply(base_model(), "lokr")
+        finetune.apply(base_model(), "lokr")
     torch.manual_seed(0)
     with pytest.raises(ValueError, match="baseline"):
-        peft.apply(DFDHR(make_config("small")), "lora")
+        finetune.apply(DFDHR(make_config("small")), "lora")

@@ -1,13 +1,13 @@
 """Linear probe of a frozen backbone: do its features carry the forgery cues? Vets a pretraining
 variant in about a minute, before any detector run.
 
-    python probe.py                                      # weights/small_clip.pt against a random ViT
-    python probe.py --weights=a.pt,b.pt,random --strength=1
+    python -m synthetic.probe                            # weights/small_clip.pt against a random ViT
+    python -m synthetic.probe --weights=a.pt,b.pt,random --strength=1
 
 Frames of the synthetic benchmark (identities of their own, never the detector's) are rendered
 once and cached in `cache_dir`. Features per layer (after ln_pre, after block 1, ..., after
-block L) of the detector's two views, the whole face (dfdhr.global_view) and its four crops
-(dfdhr.split_2x2, averaged): the CLS token and the mean and standard deviation of the patch
+block L) of the detector's two views, the original image (dfdhr.original_image) and the split
+images (dfdhr.split_images, averaged): the CLS token and the mean and standard deviation of the patch
 tokens. A linear classifier (ridge regression on the labels, its regularisation picked on a
 2-fold split of the training videos) is fitted on a training split and scored by video AUC on
 new videos:
@@ -28,16 +28,14 @@ from sklearn.preprocessing import StandardScaler
 import cli
 import data
 import synthetic
-from dfdhr import PRESETS, global_view, split_2x2
-from train import SMALL_CLIP, compute_metrics
+from dfdhr import PRESETS, SMALL_BACKBONE, original_image, split_images
+from evaluate import compute_metrics
 from vit import VisionTransformer, load_clip
-
-FAMILIES = ("selfblend", "faceswap", "partial", "upsample")
 
 
 @dataclass(frozen=True)
 class Options:
-    weights: str = f"{SMALL_CLIP},random"  # comma-separated: CLIP checkpoints, or random[:seed] (the small ViT)
+    weights: str = f"{SMALL_BACKBONE},random"  # comma-separated: CLIP checkpoints, or random[:seed] (the small ViT)
     strength: float = synthetic.STRENGTH  # the forgeries' strength (train.py's synthetic_strength)
     frames_per_video: int = 4
     cache_dir: str = "out/probe_cache"
@@ -48,8 +46,8 @@ def frames(split, *, strength, fpv, cache_dir, size=128):
     """(images (N, S, S, 3) uint8, labels, videos, methods) of one split, cached on disk: train
     200 real + 200 fake videos, test 100 real + 100 per family."""
     n_real, n_fake = (200, 200) if split == "train" else (100, 400)
-    ds = synthetic.SyntheticForgeries(methods=FAMILIES, num_videos=n_real + n_fake, frames_per_video=fpv,
-                                      image_size=size, seed=9001 if split == "train" else 9002,
+    ds = synthetic.SyntheticForgeries(methods=synthetic.FORGERY_METHODS, num_videos=n_real + n_fake,
+                                      frames_per_video=fpv, image_size=size, seed=9001 if split == "train" else 9002,
                                       real_fraction=n_real / (n_real + n_fake), strength=strength)
     meta = [np.array([getattr(s, k) for s in ds.samples]) for k in ("label", "video", "method")]
     path = Path(cache_dir) / f"probe_{split}_s{strength:g}_f{fpv}_{size}.npy"
@@ -72,7 +70,7 @@ def features(model, images, batch=128):
     for i in range(0, len(images), batch):
         x = to_input(images[i:i + batch])
         per_view = []
-        for views, n in ((global_view(x, model.image_size), 1), (split_2x2(x), 4)):
+        for views, n in ((original_image(x, model.image_size), 1), (split_images(x), 4)):
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 hs = torch.stack(model.hidden_states(views), 1).float()  # (B·n, L+1, N, D)
             f = torch.cat([hs[:, :, 0], hs[:, :, 1:].mean(2), hs[:, :, 1:].std(2)], -1)  # (B·n, L+1, 3D)
@@ -85,9 +83,9 @@ def video_auc(scores, labels, videos):
     return compute_metrics(scores, labels, videos)["video_auc"]
 
 
-def ridge(K, y, lam):
-    """Dual ridge regression on the labels: weights on the training rows, (K + λI)⁻¹ (y − ½)."""
-    return np.linalg.solve(K + lam * np.eye(len(K)), y - .5)
+def ridge(gram, y, lam):
+    """Dual ridge regression on the labels: weights on the training rows, (XXᵀ + λI)⁻¹ (y − ½)."""
+    return np.linalg.solve(gram + lam * np.eye(len(gram)), y - .5)
 
 
 def fit_score(Xtr, ytr, vtr, Xte, yte, vte, grid=(.01, .1, 1, 10)):
@@ -95,16 +93,16 @@ def fit_score(Xtr, ytr, vtr, Xte, yte, vte, grid=(.01, .1, 1, 10)):
     (standardised features), λ chosen by a 2-fold split of the training videos."""
     sc = StandardScaler().fit(Xtr)
     Xtr, Xte = sc.transform(Xtr), sc.transform(Xte)
-    K = Xtr @ Xtr.T
-    scale = float(np.mean(np.diag(K)))
+    gram = Xtr @ Xtr.T
+    scale = float(np.mean(np.diag(gram)))
     videos = np.unique(vtr)
     fold = np.isin(vtr, videos[np.random.default_rng(0).permutation(len(videos))[:len(videos) // 2]])
 
     def cv(lam):
-        return np.mean([video_auc(K[np.ix_(b, a)] @ ridge(K[np.ix_(a, a)], ytr[a], lam * scale), ytr[b], vtr[b])
+        return np.mean([video_auc(gram[np.ix_(b, a)] @ ridge(gram[np.ix_(a, a)], ytr[a], lam * scale), ytr[b], vtr[b])
                         for a, b in ((fold, ~fold), (~fold, fold))])
     lam = max(grid, key=cv)
-    return video_auc(Xte @ (Xtr.T @ ridge(K, ytr, lam * scale)), yte, vte)
+    return video_auc(Xte @ (Xtr.T @ ridge(gram, ytr, lam * scale)), yte, vte)
 
 
 def probe(model, train, test):
@@ -113,7 +111,8 @@ def probe(model, train, test):
     _, ytr, vtr, mtr = train
     _, yte, vte, mte = test
     res = {}
-    for name, trained_on, fam in [(f, f, f) for f in FAMILIES] + [(f"sbi->{f}", "selfblend", f) for f in FAMILIES]:
+    families = synthetic.FORGERY_METHODS
+    for name, trained_on, fam in [(f, f, f) for f in families] + [(f"sbi->{f}", "selfblend", f) for f in families]:
         itr, ite = np.isin(mtr, ("real", trained_on)), np.isin(mte, ("real", fam))
         per_layer = [fit_score(ftr[itr, k], ytr[itr], vtr[itr], fte[ite, k], yte[ite], vte[ite])
                      for k in range(ftr.shape[1])]

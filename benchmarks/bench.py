@@ -1,4 +1,4 @@
-"""Benchmarks of the backbone and the routed model on CPU (issue 7); results in BENCHMARKS.md.
+"""Benchmarks of the backbone and the routed model on CPU; results in benchmarks/BENCHMARKS.md.
 
 Every figure is a ratio against a reference measured in the same run, so it survives a change
 of machine; absolute times are printed with the machine they were taken on.
@@ -13,21 +13,24 @@ of machine; absolute times are printed with the machine they were taken on.
   3. Routing pays: the DFD-HR forward (eval) with every routed layer run, with every sample
      exiting at the first routed layer K (the paper's T = 20), without token selection, and
      without any router (fusion_only): the wall-time saving against what estimate_flops predicts.
-  4. Training: forward + backward + Adam step time and peak resident memory, each
-     configuration in a fresh process.
+  3b. (--only=exits) Layer exit under the profiler, per operator, T = K beside T = L.
+  3c. The DFD-HR eval forward compiled (predict.py --compile) against eager.
+  4. Training: train.train_step's time (forward + backward + Adam) and peak resident memory,
+     each configuration in a fresh process.
   5. Multiply-adds per image: estimate_flops (the supplementary's formula plus the experts)
      against torch's FlopCounterMode on the model's own forward, for each exit layer.
   6. Attention: torch's fused CPU kernel against the explicit matmuls vit.Attention uses on the
      CPU in bf16, at the small preset's training and evaluation shapes and ViT-L/14's.
-  3b. (--only=exits) Layer exit under the profiler, per operator, T = K beside T = L.
-  3c. The DFD-HR eval forward compiled (predict.py --compile) against eager.
-  8. The default run's step (python train.py): data, forward, backward and optimizer time, and
-     one step's profile; with --step_compiled, the step compiled (train.py --compile) against
-     eager. (Section 7 of BENCHMARKS.md is bench_release.py.)
+  8. The default run's step (python train.py): data, forward, backward and optimizer time of
+     train.train_step, and one step's profile; with --step_compiled, the step compiled
+     (train.py --compile) against eager. (Section 7 of BENCHMARKS.md is bench_release.py.)
 
-    python bench.py            # the full run (each section's time is in BENCHMARKS.md)
-    python bench.py --quick    # tiny shapes; tests/test_bench.py runs this
+Run from the repository root:
+
+    python -m benchmarks.bench            # the full run (each section's time is in BENCHMARKS.md)
+    python -m benchmarks.bench --quick    # tiny shapes; tests/test_bench.py runs this
 """
+import contextlib
 import json
 import math
 import os
@@ -43,10 +46,13 @@ import torch
 import transformers
 
 import cli
+import finetune
 import speed
+import synthetic
+import train
 import vit
-from dfdhr import DFDHR, dfdhr_loss, estimate_flops, force_exit, make_config
-from measure import breakdown, category, matmul_share, peak_rss_mib, precision, table, timed
+from benchmarks.measure import breakdown, category, matmul_share, peak_rss_mib, precision, table, timed
+from dfdhr import DFDHR, estimate_flops, force_exit, make_config
 
 # Backbone shapes: ViT-B/16 and ViT-L/14 at 224 (CLIP); TINY for --quick.
 BACKBONES = {
@@ -56,7 +62,8 @@ BACKBONES = {
 TINY = {"tiny": dict(width=64, layers=2, heads=2, patch=8, image=32, proj=48)}
 
 
-def machine():
+def hardware():
+    """The CPU's model name, its cores and threads, and the library versions the figures were taken with."""
     model = platform.processor() or "unknown"
     try:
         model = next(line.split(":", 1)[1].strip() for line in subprocess.run(
@@ -269,34 +276,27 @@ def bench_compiled_model(cases, repeats):
 
 # ----------------------------------------------------------------------------- 4. training
 
-def train_step(preset, batch, steps):
-    """Run in a fresh process: step time and peak memory of forward + backward + Adam (fp32)."""
+def measure_training(preset, batch, steps):
+    """Run in a fresh process: time and peak memory of train.train_step (forward, backward, Adam; fp32)."""
     torch.manual_seed(0)
     cfg = make_config(preset)
     model = DFDHR(cfg).train()
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    x = torch.randn(batch, 3, cfg.image_size, cfg.image_size)
-    y = torch.randint(0, 2, (batch,))
+    inputs = dict(image=torch.randn(batch, 3, cfg.image_size, cfg.image_size), label=torch.randint(0, 2, (batch,)))
     rss_model = peak_rss_mib()
-
-    def step():
-        loss = dfdhr_loss(model(x), y, cfg)
-        opt.zero_grad(set_to_none=True)
-        loss.total.backward()
-        opt.step()
-
-    (t,) = timed([step], repeats=steps)
+    (t,) = timed([lambda: train.train_step(model, inputs, opt, config=cfg, micro_batch=batch,
+                                           autocast=contextlib.nullcontext, device=torch.device("cpu"))],
+                 repeats=steps)
     rss_peak = peak_rss_mib()
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return dict(preset=preset, batch=batch, step_s=t, rss_model_mib=rss_model, rss_peak_mib=rss_peak,
-                rss_step_mib=rss_peak - rss_model, trainable_params=trainable,
+                rss_step_mib=rss_peak - rss_model, trainable_params=finetune.count_trainable(model),
                 frozen_backbone=cfg.freeze_backbone)
 
 
 def bench_training(runs):
     rows = []
     for preset, batch, steps in runs:
-        out = subprocess.run([sys.executable, __file__, f"--train_step={preset},{batch},{steps}"],
+        out = subprocess.run([sys.executable, "-m", "benchmarks.bench", f"--measure_training={preset},{batch},{steps}"],
                              capture_output=True, text=True)
         if out.returncode:
             rows.append(dict(preset=preset, batch=batch, error=out.stderr.strip().splitlines()[-1:]))
@@ -355,38 +355,54 @@ def bench_attention(repeats=20, inference_batches=(1, 2, 8)):
 
 # ----------------------------------------------------------------------------- 8. the default run's step
 
+class Phases:
+    """A model and its optimizer, wrapped to count the seconds of each forward and of each optimizer
+    step apart: train.train_step's phases, timed from outside it."""
+
+    def __init__(self, model, opt):
+        self.model, self.opt, self.seconds = model, opt, dict(forward=0.0, optimizer=0.0)
+
+    def __call__(self, x):
+        start = time.perf_counter()
+        out = self.model(x)
+        self.seconds["forward"] += time.perf_counter() - start
+        return out
+
+    def zero_grad(self, set_to_none=True):
+        self.opt.zero_grad(set_to_none=set_to_none)
+
+    def step(self):
+        start = time.perf_counter()
+        self.opt.step()
+        self.seconds["optimizer"] += time.perf_counter() - start
+
+
 def profile_default_step(steps, compiled=False, **overrides):
     """Where a step of `python train.py` (the default run) spends its time: waiting for the batch
-    (the data loader over prerendered frames), forward with the loss, backward, optimizer step.
-    Built by train.py's own functions with its default settings (and `overrides` of them, for
-    --quick); phases timed one after another. `compiled`: then also the whole step with the model
-    under torch.compile (forward and backward graphs), its steps and eager ones in turn."""
-    import synthetic
-    import train
+    (the data loader over prerendered frames), then train.train_step's forward, its backward (the
+    rest of the step: the loss, backward, logging) and its optimizer step. Built by train.py's own
+    functions with its default settings (and `overrides` of them, for --quick). `compiled`: then
+    also the whole step with the model under torch.compile (forward and backward graphs), its
+    steps and eager ones in turn."""
     cfg, config = train.settings(overrides, {})
-    model = train.build_model(cfg, config, vit.load_clip(cfg.init_from)).train()
+    model = finetune.build_model(cfg.method, config, vit.load_clip(cfg.init_from)).train()
     train_set = train.datasets(cfg, model.config.image_size)["train"]  # test sets are built, not rendered
     start = time.perf_counter()
     synthetic.prerender([train_set])
     render_s = time.perf_counter() - start
     opt = train.optimizer(model, cfg)
-    bf16 = train.uses_bf16(cfg.dtype, torch.device("cpu"))
-    stream = train.batches(train_set, cfg, step=0, rank=0, world=1)
-    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
+    device, bf16 = speed.device_and_precision("cpu", cfg.dtype)
+    stream = train.batches(train_set, cfg, step=0, ddp_rank=0, world=1)
 
     def step(net=model):  # seconds of (data, forward, backward, optimizer)
-        t = [time.perf_counter()]
+        start = time.perf_counter()
         _, b = next(stream)
-        t.append(time.perf_counter())
-        with autocast():
-            loss = dfdhr_loss(net(b["image"]), b["label"], model.config)
-        t.append(time.perf_counter())
-        opt.zero_grad(set_to_none=True)
-        loss.total.backward()
-        t.append(time.perf_counter())
-        opt.step()
-        t.append(time.perf_counter())
-        return [z - a for a, z in zip(t, t[1:])]
+        data_s, clock = time.perf_counter() - start, Phases(net, opt)
+        start = time.perf_counter()
+        train.train_step(clock, b, clock, config=model.config, micro_batch=cfg.micro_batch_size or cfg.batch_size,
+                         autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), device=device)
+        forward, optimizer = clock.seconds["forward"], clock.seconds["optimizer"]
+        return [data_s, forward, time.perf_counter() - start - forward - optimizer, optimizer]
 
     for _ in range(2):  # warm-up: the loader's worker starts, kernels are picked
         step()
@@ -453,18 +469,18 @@ class Options:
     only: str = ""               # one part: backbone (1 and 2), routing (3), exits (3b, only when named), compiled
                                  # (3c), training (4), flops (5), attention (6), step (8: the default run's step)
     routing_repeats: int = 2     # timed passes of each routing variant
-    exit_profile: int = 0        # with --only=exits: profiled passes of each exit variant (the issue asks for >= 10)
+    exit_profile: int = 0        # with --only=exits: profiled passes of each exit variant (BENCHMARKS.md §3b: 10)
     step_compiled: bool = False  # with --only=step: also time the step compiled (compiling takes minutes)
     malloc: str = "kept"         # "kept": freed memory kept for reuse, as train.py runs (speed.py); "default": glibc's
-    train_step: str = ""         # internal: "PRESET,BATCH,STEPS", one training measurement in this process
+    measure_training: str = ""   # internal: "PRESET,BATCH,STEPS", one training measurement in this process
 
 
 def main(argv=()):
     args, = cli.parse(argv, Options)
     args = Options(**args)
-    if args.train_step:
-        preset, batch, steps = args.train_step.split(",")
-        print(json.dumps(train_step(preset, int(batch), int(steps))))
+    if args.measure_training:
+        preset, batch, steps = args.measure_training.split(",")
+        print(json.dumps(measure_training(preset, int(batch), int(steps))))
         return None
 
     transformers.utils.logging.disable_progress_bar()
@@ -473,7 +489,7 @@ def main(argv=()):
     if args.malloc == "kept":
         speed.keep_freed_memory()  # the whole process, Hugging Face included
     start = time.perf_counter()
-    info = machine()
+    info = hardware()
     print(f"# {info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['threads']} threads), "
           f"transformers {info['transformers']}; malloc: {args.malloc}")
     if args.quick:
@@ -488,20 +504,6 @@ def main(argv=()):
         report_backbone(results, shapes, backbone_repeats, matmul_n, profiled)
     if args.only in ("", "routing"):
         report_routing(results, routing_preset, routing_batch, args.routing_repeats)
-    if args.only in ("", "training"):
-        results["training"] = bench_training(train_runs)
-        print("\n## 4. Training step (fp32, forward + backward + Adam), each in a fresh process\n")
-        print(table(results["training"], ["preset", "batch", "step_s", "rss_model_mib", "rss_peak_mib",
-                                          "rss_step_mib", "trainable_params", "frozen_backbone", "error"]))
-    if args.only in ("", "attention"):
-        results["attention"] = bench_attention(repeats=3, inference_batches=(1,)) if args.quick else bench_attention()
-        print("\n## 6. Attention: fused kernel vs explicit matmuls (training: forward + backward)\n")
-        print(table(results["attention"], ["mode", "dtype", "shape", "fused_ms", "explicit_ms", "fused_over_explicit"]))
-    if args.only in ("", "flops"):
-        preset = "small" if args.quick else "paper"
-        results["flops"] = count_flops(preset)
-        print(f"\n## 5. Multiply-adds per image ({preset} preset, every view): the formula and torch's counter\n")
-        print(table(results["flops"], ["exit_layer", "formula_gmac", "counted_gmac", "counted_over_formula"]))
     if args.only == "exits":
         results["exits"], d = profile_exits("small" if args.quick else "paper", batch=2, passes=args.exit_profile or 2)
         print(f"\n## 3b. Layer exit under the profiler: T = K vs T = L, {d['passes']} passes each, batch {d['batch']}; "
@@ -516,6 +518,20 @@ def main(argv=()):
         print("\n## 3c. DFD-HR eval forward, eager vs compiled (predict.py --compile)\n")
         print(table(results["compiled"], ["preset", "batch", "precision", "eager_s", "compiled_s",
                                           "eager_over_compiled", "compile_s", "max_abs_logit_diff"]))
+    if args.only in ("", "training"):
+        results["training"] = bench_training(train_runs)
+        print("\n## 4. Training step (fp32, forward + backward + Adam), each in a fresh process\n")
+        print(table(results["training"], ["preset", "batch", "step_s", "rss_model_mib", "rss_peak_mib",
+                                          "rss_step_mib", "trainable_params", "frozen_backbone", "error"]))
+    if args.only in ("", "flops"):
+        preset = "small" if args.quick else "paper"
+        results["flops"] = count_flops(preset)
+        print(f"\n## 5. Multiply-adds per image ({preset} preset, every view): the formula and torch's counter\n")
+        print(table(results["flops"], ["exit_layer", "formula_gmac", "counted_gmac", "counted_over_formula"]))
+    if args.only in ("", "attention"):
+        results["attention"] = bench_attention(repeats=3, inference_batches=(1,)) if args.quick else bench_attention()
+        print("\n## 6. Attention: fused kernel vs explicit matmuls (training: forward + backward)\n")
+        print(table(results["attention"], ["mode", "dtype", "shape", "fused_ms", "explicit_ms", "fused_over_explicit"]))
     if args.only in ("", "step"):
         quick = dict(synthetic_train_videos=8, synthetic_test_videos=2, num_workers=0) if args.quick else {}
         results["step"], d = profile_default_step(steps=3 if args.quick else 30, compiled=args.step_compiled, **quick)

@@ -1,7 +1,7 @@
 """DFD-HR against the authors' released detector: the same weights, the same inputs, on this machine.
 
-    python bench_release.py --release=/path/to/DFD-HR          # a checkout of the authors' repository
-    python bench_release.py --release=... --batches=2 --repeats=1 --train=false
+    python -m benchmarks.bench_release --release=/path/to/DFD-HR          # a checkout of the authors' repository
+    python -m benchmarks.bench_release --release=... --batches=2 --repeats=1 --train=false
 
 The released detector (`training/detectors/dfd_hr_detector.py` and its `utils/`) is imported from
 the user's checkout, never copied into this project; it needs `einops` and `transformers`. What it
@@ -29,7 +29,7 @@ from torch import nn
 
 import cli
 import speed
-from measure import breakdown, table, timed
+from benchmarks.measure import breakdown, table, timed
 from dfdhr import DFDHR, dfdhr_loss, make_config
 from vit import load_clip
 
@@ -108,19 +108,20 @@ RELEASE_CONFIG = {"backbone_name": "ViT-L/14_proj", "loss_func": "cross_entropy"
 @torch.no_grad()
 def copy_release_into_ours(release, ours):
     """Our modules take the release's weights: experts, token and layer judges, pooling, head."""
-    routers, K = ours.global_routers, ours.config.first_routed_layer
-    for i, pairs in enumerate(routers.experts):
-        for ours_moa, theirs in zip(pairs, (release.adapters_attn[i], release.adapters_mlp[i])):
+    routers, K = ours.original_routers, ours.config.first_routed_layer
+    for i, pair in enumerate(routers.experts):
+        released = (release.adapters_attn[i], release.adapters_mlp[i])
+        for ours_moa, theirs in zip((pair.after_attn, pair.after_mlp), released):
             ours_moa.gate.load_state_dict(theirs.gate.state_dict())
-            R = ours_moa.rank
-            for e, expert in enumerate(theirs.experts):  # Linear(D, R) -> GELU -> Linear(R, D)
-                ours_moa.up.weight[e * R:(e + 1) * R] = expert[0].weight
-                ours_moa.up.bias[e * R:(e + 1) * R] = expert[0].bias
+            r = ours_moa.adapter_rank
+            for e, expert in enumerate(theirs.experts):  # Linear(D, r) -> GELU -> Linear(r, D)
+                ours_moa.up.weight[e * r:(e + 1) * r] = expert[0].weight
+                ours_moa.up.bias[e * r:(e + 1) * r] = expert[0].bias
                 ours_moa.down_weight[e] = expert[2].weight.T
                 ours_moa.down_bias[e] = expert[2].bias
-    for r, layer in enumerate(ours.config.routed_layers):
-        routers.token_judges[r].proj.load_state_dict(release.token_router[layer].weight_predictor.state_dict())
-        routers.layer_judges[r].load_state_dict(release.layer_router[layer].state_dict())
+    for layer in ours.config.routed_layers:
+        routers.token_judge(layer).proj.load_state_dict(release.token_router[layer].weight_predictor.state_dict())
+        routers.layer_judge(layer).load_state_dict(release.layer_router[layer].state_dict())
     assert list(ours.config.routed_layers) == list(range(K, 23)), "the release routes layers 20-22"
     ours.pool.query.copy_(release.query_token)
     ours.pool.attn.load_state_dict(release.query_attn.state_dict())
@@ -143,7 +144,9 @@ def build(opts):
 
 # ----------------------------------------------------------------------------- measurements
 
-def train_step(model, loss_of, x, y):
+def training_step(model, loss_of, x, y):
+    """One step of either detector, driven alike: its own loss, backward, Adam (train.train_step
+    drives ours alone, and the release's forward takes a dict)."""
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=5e-4)
 
     def step():
@@ -169,8 +172,8 @@ def compare(release, ours, batch, opts):
             data = {"image": x, "label": y}
             return release.get_losses(data, release(data))["overall"]
 
-        steps = dict(release=train_step(release, release_loss, x, y),
-                     ours=train_step(ours, lambda x, y: dfdhr_loss(ours(x), y, ours.config).total, x, y))
+        steps = dict(release=training_step(release, release_loss, x, y),
+                     ours=training_step(ours, lambda x, y: dfdhr_loss(ours(x), y, ours.config).total, x, y))
         t = timed(list(steps.values()), repeats=opts.repeats)
         row.update(release_train_s=t[0], ours_train_s=t[1], train_release_over_ours=t[0] / t[1])
         if opts.profile:  # where each training step's time goes, by kind of operator

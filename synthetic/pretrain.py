@@ -1,7 +1,7 @@
 """Pretrain the small preset's backbone as a CLIP image tower on real (never forged) renders.
 
-    python pretrain.py                       # weights/small_clip.pt, as committed (README gives the time)
-    python pretrain.py --toy --out=/tmp/t.pt  # a few steps at a toy size (seconds)
+    python -m synthetic.pretrain                        # weights/small_clip.pt, as committed (README gives the time)
+    python -m synthetic.pretrain --toy --out=/tmp/t.pt  # a few steps at a toy size (seconds)
 
 The paper freezes a pretrained CLIP; no CLIP weights exist for a CPU-sized ViT, so this script
 makes one the way CLIP was made, at toy scale: an image tower (vit.VisionTransformer, OpenAI's
@@ -12,8 +12,8 @@ natural variation a photo collection has, and that needs local low-level sensiti
 differently across the image, noise that varies across the image, resolution loss, JPEG. A
 caption is a bag of attribute words: who (skin, hair), pose and expression, light, backdrop,
 and for each 2x2 region of the view its blur, resolution, noise and colour cast. The views are
-the detector's: the whole face resized to the backbone's input (dfdhr.global_view) and its
-four crops (dfdhr.split_2x2).
+the detector's: the original image, the face resized to the backbone's input (dfdhr.original_image),
+and the split images, its four quadrants (dfdhr.split_images).
 
 Each base render is photographed twice in a batch, so two captions of one face differ only in
 their low-level words: the image tower has to see them to pick the right caption.
@@ -39,14 +39,14 @@ from torch import nn
 
 import cli
 import data
-import faces
-from dfdhr import global_view, split_2x2
+from dfdhr import SMALL_BACKBONE, original_image, split_images
+from synthetic import faces
 from vit import VisionTransformer, load_clip
 
 
 @dataclass(frozen=True)
 class Options:
-    out: str = "weights/small_clip.pt"
+    out: str = SMALL_BACKBONE
     steps: int = 1500
     pool: int = 12000        # clean base renders, drawn once
     bases: int = 32          # base renders per batch, each photographed `variants` times
@@ -157,7 +157,7 @@ def _downup(img, factor, down=Image.BILINEAR):
 def photograph(base, fg, rng):
     """Natural photo effects on a clean render (S, S, 3) uint8 with person mask fg (S, S):
     returns the photo (S, S, 3) uint8, per-pixel maps {sigma: blur, res: resolution factor,
-    noise: noise std, gain: colour gain (S, S, 3)} and the global caption words."""
+    noise: noise std, gain: colour gain (S, S, 3)} and the caption words of the whole photo."""
     S = base.shape[0]
     k = S / 128
     img = base.astype(np.float32) / 255
@@ -258,18 +258,18 @@ class PhotoBatches(torch.utils.data.IterableDataset):
             for i in rng.choice(len(self.pool), self.bases, replace=False):
                 sem = self.words[i]
                 for _ in range(self.variants):
-                    img, maps, glob = photograph(self.pool[i], self.fgs[i], rng)
+                    img, maps, photo_words = photograph(self.pool[i], self.fgs[i], rng)
                     images.append(data.to_input(Image.fromarray(img), S))
-                    whole.append(["view_whole"] + sem + glob + region_words(maps, (0, 0, S)))
-                    for q in range(4):  # split_2x2's order: row-major
+                    whole.append(["view_whole"] + sem + photo_words + region_words(maps, (0, 0, S)))
+                    for q in range(4):  # split_images' order: row-major
                         box = ((q // 2) * (S // 2), (q % 2) * (S // 2), S // 2)
-                        crops.append([f"view_q{q}"] + sem[:3] + glob[-2:] + region_words(maps, box))
+                        crops.append([f"view_q{q}"] + sem[:3] + photo_words[-2:] + region_words(maps, box))
             yield torch.stack(images), [[VOCAB[w] for w in c] for c in whole + crops]
 
 
 def views(x, size):
     """The detector's views of (B, 3, 2v, 2v): (5B, 3, v, v), the whole images, then the crops."""
-    return torch.cat([global_view(x, size), split_2x2(x)])
+    return torch.cat([original_image(x, size), split_images(x)])
 
 
 # ----------------------------------------------------------------------------- the two towers

@@ -1,4 +1,4 @@
-"""The built-in synthetic forgery benchmark: `python train.py` trains on it by default.
+"""The forgeries of the built-in synthetic benchmark, its data sets and its protocols.
 
 No deepfake data ships with this project, so `SyntheticForgeries` draws face-like video
 frames (faces.py: identity, pose, lighting, skin tone, background, camera noise, JPEG) and forges
@@ -21,9 +21,10 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull
 
 from data import FrameDataset, Sample
-from faces import Face, blur, camera, jitter_pose, landmarks, random_identity, random_scene, render_face, resize
+from synthetic.faces import (Face, blur, camera, jitter_pose, landmarks, random_identity, random_scene, render_face,
+                             resize)
 
-FORGERY_METHODS = ("faceswap", "selfblend", "partial", "upsample")
+FORGERY_METHODS = ("selfblend", "faceswap", "partial", "upsample")  # the SBI protocol's order: its training one first
 TRAIN_METHODS = ("faceswap", "upsample")  # default Protocol-2-like split: train on these ...
 HELD_OUT_METHODS = ("partial", "selfblend")  # ... and test on these as unseen methods
 
@@ -33,12 +34,11 @@ HELD_OUT_METHODS = ("partial", "selfblend")  # ... and test on these as unseen m
 # post-processing and the soft blending mask (H, W) in [0, 1]. Outside the mask's support the
 # fake equals the (self-blend: possibly altered) target exactly. `strength` s scales every
 # family alike: colour mismatch, blur / sharpening, resolution lost, checkerboard amplitude
-# linearly in s, and the width of the blending ramp (feathering) by feather_scale(s). s = 1 is
-# the top of the original benchmark, where videos drew s from U(0.5, 1).
+# linearly in s, and the width of the blending ramp (feathering) by feather_scale(s).
 
 def feather_scale(strength: float) -> float:
-    """Relative width of a blending ramp: 1 at s = 0.75 (the original benchmark's mean), halved
-    for every 0.75 of strength more: a stronger forgery has a sharper seam."""
+    """Relative width of a blending ramp: 1 at s = 0.75, halved for every 0.75 of strength more:
+    a stronger forgery has a sharper seam."""
     return float(2.0 ** (-(strength - .75) / .75))
 
 
@@ -380,9 +380,9 @@ def synthetic_splits(*, protocol="sbi", image_size, seed, train_videos, test_vid
     test = dict(image_size=image_size, frames_per_video=frames, strength=strength)
     if protocol == "sbi":
         reals = test_real_videos or test_videos
-        families = ("selfblend", *[m for m in FORGERY_METHODS if m != "selfblend"])
-        shared = SyntheticForgeries(methods=families, seed=seed + 1, num_videos=reals + len(families) * test_videos,
-                                    real_fraction=reals / (reals + len(families) * test_videos), **test)
+        fakes = len(FORGERY_METHODS) * test_videos
+        shared = SyntheticForgeries(methods=FORGERY_METHODS, seed=seed + 1, num_videos=reals + fakes,
+                                    real_fraction=reals / (reals + fakes), **test)
         return {"train": SelfBlendPairs(num_videos=train_videos, frames_per_video=frames_per_video, seed=seed,
                                         image_size=image_size, augment=augment, strength=strength),
                 "val": SyntheticForgeries(methods=("selfblend",), seed=seed + 3, num_videos=test_videos, **test),

@@ -1,7 +1,7 @@
 """Which face detector extract.py should use: dlib's HOG or OpenCV's Haar cascade, as extract.py
 configures them, on the real photographs that packages ship (README "From videos").
 
-    pip install -r requirements-video.txt scikit-image && python compare_detectors.py
+    pip install -r video/requirements.txt scikit-image && python -m video.compare_detectors
 
 Photographs: scikit-image's astronaut (Eileen Collins) and matplotlib's grace_hopper.jpg, each
 with its face region marked by eye; scikit-image's lfw_subset, 100 face crops and 100 background
@@ -16,7 +16,8 @@ import time
 import matplotlib.cbook
 import numpy as np
 from PIL import Image
-import extract
+
+from video import extract
 
 try:
     from skimage import data as skdata  # its photographs: astronaut and lfw_subset

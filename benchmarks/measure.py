@@ -65,8 +65,8 @@ def matmul_share(call):
 
 def peak_rss_mib():
     """This process's peak resident memory. Linux's ru_maxrss is not used: exec keeps the peak of
-    the parent that spawned the process (measured: every child started from the full run reported
-    the parent's 4.6 GB), while VmHWM belongs to the process's own address space."""
+    the parent that spawned the process (a child of the full benchmark run reports the parent's
+    peak), while VmHWM belongs to the process's own address space."""
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024  # kB -> MiB
 

@@ -1,7 +1,8 @@
 """The fine-tuning methods of the supplementary's Tab. A ("Comparison of different parameter-efficient
-finetuning methods"), each applied to the paper's baseline: the plain CLIP ViT, global view only, a
+finetuning methods"), each applied to the paper's baseline: the plain CLIP ViT, the original image only, a
 linear head on the projected CLS (`DFDHR(make_config(preset, "baseline"))`). DFD-HR itself, the
-last row of the table, is dfdhr.py; `python train.py --method=NAME` trains a row of this module.
+last row of the table, is dfdhr.py; `python train.py --method=NAME` trains a row of this module, built
+by `build_model`.
 
 `apply(model, method)` freezes what the method leaves alone, adds the method's parameters inside
 `model.backbone` (or replaces `model.head`), and leaves exactly these trainable, plus the head,
@@ -19,8 +20,9 @@ How the methods enter the ViT, which dfdhr.py runs piece by piece (`embed`, then
 `mlp.c_fc` and `mlp.c_proj`. The paper's runs used Hugging Face's CLIP, where q, k and v are three
 layers, so the fused weight is adapted as three row blocks (G = 3 below), one adapter each.
 
-Letters: B batch, N tokens, P prompts, D width, O/I output/input features of a weight (per group),
-G groups of rows (3 for the fused q, k, v, else 1), r rank.
+Letters as in dfdhr.py's glossary: B batch, N tokens, D width, P the head's input width; here also n_p
+prompts, O/I output/input features of a weight (per group), G groups of rows (3 for the fused q, k, v,
+else 1), r the rank of a low-rank change.
 """
 import math
 
@@ -28,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
+
+from dfdhr import DFDHR
 
 METHODS = ("baseline", "linear_probe", "mlp3", "partial4", "ln_tuning", "bias_tuning", "vpt_deep", "adapter",
            "lora", "rslora", "pissa", "olora", "gaussian_lora", "dora", "ia3", "effort")
@@ -177,7 +181,7 @@ class Adapter(nn.Module):
 
 
 class Prompts(nn.Module):
-    """VPT-deep [8]: P learnable tokens fed to one layer, replaced by the next layer's own.
+    """VPT-deep [8]: n_p learnable tokens fed to one layer, replaced by the next layer's own.
 
     The prompts sit after the patch tokens, [CLS, patches, prompts]: VPT writes [CLS, prompts,
     patches], which is the same network, since the blocks are equivariant to a permutation of the
@@ -195,24 +199,24 @@ class Prompts(nn.Module):
     def __init__(self, num, width, patch_size, device=None):
         super().__init__()
         bound = math.sqrt(6 / (3 * patch_size ** 2 + width))  # Xavier-uniform (VPT), a patch embedding's fans
-        self.tokens = nn.Parameter(torch.empty(num, width, device=device).uniform_(-bound, bound))  # (P, D)
+        self.tokens = nn.Parameter(torch.empty(num, width, device=device).uniform_(-bound, bound))  # (n_p, D)
 
-    def expand(self, x):  # (B, ·, D) -> (B, P, D)
+    def expand(self, x):  # (B, ·, D) -> (B, n_p, D)
         return self.tokens.to(x.dtype).expand(x.shape[0], -1, -1)
 
-    def append(self, ln_pre, args, x):  # forward hook on backbone.ln_pre: (B, N, D) -> (B, N + P, D)
+    def append(self, ln_pre, args, x):  # forward hook on backbone.ln_pre: (B, N, D) -> (B, N + n_p, D)
         return torch.cat([x, self.expand(x)], 1)
 
-    def overwrite(self, ln_1, args):  # forward pre-hook on the block's ln_1: (B, N + P, D), last P replaced
+    def overwrite(self, ln_1, args):  # forward pre-hook on the block's ln_1: (B, N + n_p, D), last n_p replaced
         x, = args
         return torch.cat([x[:, :-len(self.tokens)], self.expand(x)], 1),
 
 
 def mlp_head(head):
-    """MLP-3: the head becomes Linear(C, C) -> GELU -> Linear(C, C) -> GELU -> Linear(C, classes)."""
-    C, device = head.in_features, head.weight.device
-    return nn.Sequential(nn.Linear(C, C, device=device), nn.GELU(), nn.Linear(C, C, device=device), nn.GELU(),
-                         nn.Linear(C, head.out_features, device=device))
+    """MLP-3: the head becomes Linear(P, P) -> GELU -> Linear(P, P) -> GELU -> Linear(P, classes)."""
+    P, device = head.in_features, head.weight.device
+    return nn.Sequential(nn.Linear(P, P, device=device), nn.GELU(), nn.Linear(P, P, device=device), nn.GELU(),
+                         nn.Linear(P, head.out_features, device=device))
 
 
 # ---------------------------------------------------------------------------------- apply
@@ -307,3 +311,12 @@ def merge(model):
 def count_trainable(model):
     """Number of parameters that train (each shared tensor once)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# ---------------------------------------------------------------------------------- a model to train
+
+def build_model(method, config, backbone=None):
+    """DFD-HR of `config` (method "dfdhr"), or `method` of supp. Tab. A applied to it: the one
+    place a model to train is built (train.py, predict.py, the benchmarks)."""
+    model = DFDHR(config, backbone)
+    return model if method == "dfdhr" else apply(model, method)

@@ -1,4 +1,4 @@
-"""Figures of a DFD-HR run, after the paper's analyses, drawn from evaluate.py's metrics.
+"""Figures of a DFD-HR run, after the paper's analyses, drawn from evaluation.py's metrics.
 
   exit_layers       supp. Fig. A (main Fig. 5(a)): at which layer real and fake samples exit
   gate_weights      supp. Tab. D (main Fig. 5(b)) as bars: mean expert gate weight, real / fake / per method
@@ -274,7 +274,7 @@ def token_overlays(overlays, dataset):
 def write_run_figures(out_dir, metrics, history, model, test_sets):
     """Every figure of a run as out_dir/figures/*.png, and supp. Tab. D as gate_weights.md.
 
-    metrics: {test set: evaluate.evaluate() dict}; history: train.py's {"steps", "evals"}; test_sets:
+    metrics: {test set: evaluation.evaluate() dict}; history: train.py's {"steps", "evals"}; test_sets:
     {test set: Dataset}, the first one gives token_overlays.png (and its data, overlays.json).
     Returns the paths written.
     """

@@ -11,7 +11,7 @@ of `dfdhr.DFDHRConfig`; each is overridden by `--key=value`. `main` reads in sec
 of each epoch (`end_of_epoch`: evaluate, select best.pt), the finish. A run writes to `out_dir`:
 `config.json`, checkpoints `last.pt` and `best.pt` (written atomically, the settings inside),
 `history.json` (`{"steps": [...], "evals": [...]}`), `metrics.json` (`{test_set: {frame_auc,
-video_auc, eer, ap, acc, ...}}`, evaluate.py) and `figures/`. `predict.py` scores new images and
+video_auc, eer, ap, acc, ...}}`, evaluation.py) and `figures/`. `predict.py` scores new images and
 videos with `best.pt`.
 """
 import contextlib
@@ -35,7 +35,7 @@ import finetune
 import speed
 import synthetic
 from dfdhr import ABLATIONS, PRESETS, SMALL_BACKBONE, DFDHRConfig, dfdhr_loss, make_config
-from evaluate import evaluate, evaluate_sets, print_table
+from evaluation import evaluate, evaluate_sets, print_table
 from vit import CheckpointError, load_clip, load_weights, read_checkpoint
 
 

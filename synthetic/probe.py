@@ -29,7 +29,7 @@ import cli
 import data
 import synthetic
 from dfdhr import PRESETS, SMALL_BACKBONE, original_image, split_images
-from evaluate import compute_metrics
+from evaluation import compute_metrics
 from vit import VisionTransformer, load_clip
 
 

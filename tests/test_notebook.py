@@ -16,7 +16,7 @@ import data
 import figures
 import synthetic
 from dfdhr import DFDHR, force_exit, make_config
-from evaluate import evaluate
+from evaluation import evaluate
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "walkthrough.ipynb"
 
@@ -84,7 +84,7 @@ def test_token_overlays_show_exited_layers():
 
 @pytest.mark.parametrize("routing", ["full", "no routing"])
 def test_write_run_figures_from_evaluate(tmp_path, routing):
-    """A run's figures from evaluate.evaluate's own metrics, with a one-class test set; without routing
+    """A run's figures from evaluation.evaluate's own metrics, with a one-class test set; without routing
     there are no gate weights, every image runs all layers and every token is kept."""
     torch.manual_seed(0)
     off = dict(layer_pruning=False, token_selection=False, expert_routing=False) if routing == "no routing" else {}

@@ -1,4 +1,4 @@
-"""evaluate.py: the metrics against hand computations; test sets that share their frames, run once."""
+"""evaluation.py: the metrics against hand computations; test sets that share their frames, run once."""
 import contextlib
 
 import numpy as np
@@ -7,7 +7,7 @@ import torch
 
 import synthetic
 from dfdhr import DFDHR, make_config
-from evaluate import compute_metrics, evaluate, evaluate_sets
+from evaluation import compute_metrics, evaluate, evaluate_sets
 
 
 def test_metrics_against_hand_computation():

@@ -371,6 +371,16 @@ class DFDHR(nn.Module):
         """The routers that route, each once (the two branches share one set by default)."""
         return [r for r in dict.fromkeys((self.original_routers, self.split_routers)) if r.on]
 
+    def branch_config(self, routers):
+        """The config as a branch runs it (estimate_flops): Token Selection, experts where its routers have them."""
+        return replace(self.config, token_selection=routers.token_judges is not None,
+                       expert_routing=routers.experts is not None)
+
+    def dense_flops(self):
+        """Multiply-adds per image with every view running every layer (estimate_flops at T = L)."""
+        views = [(self.original_routers, 1)] + ([(self.split_routers, 4)] if self.config.multi_scale else [])
+        return sum(n * estimate_flops(self.branch_config(r)) for r, n in views)
+
     def param_groups(self, *, lr, backbone_lr):
         """One optimizer group per role: backbone, layer_judges, token_judges, experts, fusion, head."""
         roles = {"backbone": [self.backbone], "fusion": [self.pool], "head": [self.head],
@@ -441,9 +451,8 @@ class DFDHR(nn.Module):
                 kept[i - K] = out.kept.masked_fill(~ran[:, None], -1)
                 if self.training:
                     ranked.append((out.scores, h_in))
-        spent = replace(cfg, token_selection=routers.token_judges is not None,
-                        expert_routing=routers.experts is not None)  # what this branch's routers run
-        return Encoded(h[:, 0], exit_layer, kept, gates, ranked, estimate_flops(spent, exit_layer))
+        flops = estimate_flops(self.branch_config(routers), exit_layer)
+        return Encoded(h[:, 0], exit_layer, kept, gates, ranked, flops)
 
     def forward(self, x):  # (B, 3, S, S) CLIP-normalised face crops, S = image_size
         cfg = self.config

@@ -26,8 +26,6 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import auc, roc_curve
 
-import synthetic
-from data import to_input
 from dfdhr import original_image
 from vit import CLIP_MEAN, CLIP_STD
 
@@ -198,18 +196,18 @@ def _pick(dataset, n):  # n sample indices, half real and half fake (as far as e
 
 
 def forged_region(dataset, indices, items, size):
-    """Per face, where its forgery changed the original image ((size, size) bool), for the synthetic
-    benchmark, which can draw a frame unforged; None for real faces and for other data."""
+    """Per face, where its forgery changed the original image, (size, size) bool: a view pixel whose
+    frame pixels changed at least half, from data that knows what its forgeries changed (`changed`:
+    the synthetic benchmark); None for real faces and for other data."""
+    changed = getattr(dataset, "changed", None)
     out = []
     for i, it in zip(indices, items):
-        if it["label"] == 0 or not isinstance(dataset, (synthetic.SyntheticForgeries, synthetic.FamilyTestSet)):
+        if it["label"] == 0 or changed is None:
             out.append(None)
             continue
-        pristine = to_input(dataset.image(i, forged=False), it["image"].shape[-1])
-        views = original_image(torch.stack([it["image"], pristine]).float(), size)  # (2, 3, size, size)
-        # in CLIP-normalised units; a self-blend onto an altered target changes all but the blended
-        # region: either way the outline is the blending seam
-        out.append(((views[0] - views[1]).abs().mean(0) > 0.15).numpy())
+        c = changed(i)  # (S, S)
+        k = c.shape[0] // size
+        out.append(c.reshape(size, k, size, k).mean((1, 3)) >= 0.5)
     return out
 
 

@@ -16,6 +16,7 @@ videos with `best.pt`.
 """
 import contextlib
 import json
+import math
 import os
 import signal
 import sys
@@ -58,6 +59,7 @@ class Settings:
     test_split: str = "test"
     synthetic_protocol: str = "sbi"  # "sbi": train on real + self-blends, test each family; or "cross_method"
     synthetic_strength: float = synthetic.STRENGTH  # scales every forgery family alike (1: subtle)
+    synthetic_seed: int = 1024     # the benchmark's videos (identities, scenes, forgeries): fixed while --seed varies
     synthetic_train_videos: int = 600   # sbi: real videos, each frame paired with its self-blend
     synthetic_test_videos: int = 100    # fake videos per test set (sbi: per family, against as many real ones)
     synthetic_train_methods: str = "faceswap,upsample"   # cross_method: families seen in training (and in_domain)
@@ -73,7 +75,9 @@ class Settings:
     batch_size: int = 16           # effective batch per optimizer step, over all processes (paper: 64)
     micro_batch_size: int = 0      # per process and forward pass; 0: batch_size / processes (no accumulation)
     eval_batch_size: int = 32
-    lr: float = 1e-3               # judges, experts, fusion, head (paper: 1e-4)
+    lr: float = 2e-3               # judges, experts, fusion, head (paper: 1e-4)
+    lr_schedule: str = "cosine"    # "cosine": a linear warm-up over the first WARMUP of the steps, then a cosine
+                                   # decay to 0 at the last; "constant": the paper's
     backbone_lr: float = 1e-6      # a pretrained backbone under full fine-tuning (the paper's baseline)
     weight_decay: float = 5e-4
     beta1: float = 0.9
@@ -91,8 +95,9 @@ class Settings:
 
 # The released recipe (the paper's runs): 4 processes × 16 = 64 per step, fp32, 20 epochs, the
 # first 8 frames of each video, lr 1e-4.
-PAPER_SETTINGS = dict(lr=1e-4, batch_size=64, micro_batch_size=16, epochs=20, dtype="fp32", frame_sampling="first",
-                      frames_per_video=8, test_frames_per_video=8, init_from="ViT-L-14.pt")
+PAPER_SETTINGS = dict(lr=1e-4, lr_schedule="constant", batch_size=64, micro_batch_size=16, epochs=20, dtype="fp32",
+                      frame_sampling="first", frames_per_video=8, test_frames_per_video=8, init_from="ViT-L-14.pt")
+WARMUP = 0.05  # of the steps, under --lr_schedule=cosine
 
 
 def settings(given, model_given):
@@ -109,7 +114,8 @@ def check(cfg):
     """Refuse an impossible setting before any work starts."""
     choices = dict(ablation=ABLATIONS, method=("dfdhr", *finetune.METHODS), augment=("auto", "true", "false"),
                    dtype=("auto", "bf16", "fp32"), device=("auto", "cpu", "cuda"), select=("val", "test"),
-                   frame_sampling=("even", "first"), synthetic_protocol=synthetic.PROTOCOLS)
+                   frame_sampling=("even", "first"), synthetic_protocol=synthetic.PROTOCOLS,
+                   lr_schedule=("cosine", "constant"))
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise SystemExit(f"--{key}={getattr(cfg, key)}: choose one of {', '.join(allowed)}")
@@ -187,7 +193,25 @@ def optimizer(model, cfg):
     methods of supp. Tab. A train everything at lr (supp. Sec. B)."""
     gentle = cfg.init_from != "scratch" and cfg.method in ("dfdhr", "baseline")
     groups = model.param_groups(lr=cfg.lr, backbone_lr=cfg.backbone_lr if gentle else cfg.lr)
+    for group in groups:
+        group["initial_lr"] = group["lr"]  # what the schedule scales
     return torch.optim.Adam(groups, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+
+
+def schedule(opt, cfg, *, step, total):
+    """Set each group's learning rate for `step` of `total` (the epochs' steps: --max_iters stops a
+    run, it does not shorten the schedule): its initial one ("constant", the paper's), or that times
+    a linear warm-up over the first WARMUP of the steps and then a cosine decay to 0 at the last
+    ("cosine"). A function of the step alone: a resumed run continues it."""
+    warm = max(1, round(WARMUP * total))
+    if cfg.lr_schedule == "constant":
+        factor = 1.0
+    elif step < warm:
+        factor = (step + 1) / warm
+    else:
+        factor = 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+    for group in opt.param_groups:
+        group["lr"] = group["initial_lr"] * factor
 
 
 # ----------------------------------------------------------------------------- data
@@ -209,7 +233,7 @@ def datasets(cfg, image_size):
     bench, own = {}, cfg.train_data == "synthetic"
     if "synthetic" in (cfg.train_data, *cfg.test_data.split(",")):
         bench = synthetic.synthetic_splits(protocol=cfg.synthetic_protocol, strength=cfg.synthetic_strength,
-                                           image_size=image_size, seed=cfg.seed, augment=aug,
+                                           image_size=image_size, seed=cfg.synthetic_seed, augment=aug,
                                            train_videos=cfg.synthetic_train_videos if own else 0,
                                            test_videos=cfg.synthetic_test_videos,
                                            frames_per_video=cfg.frames_per_video,
@@ -323,21 +347,25 @@ def log_step(progress, losses, cfg, *, lead, epoch, total, rate):
 # ----------------------------------------------------------------------------- the end of an epoch
 
 def end_of_epoch(model, opt, sets, val_set, progress, cfg, proc, *, epoch, seconds):
-    """Evaluate every set and record it; keep best.pt, the best validation video AUC (or the first
-    test set's); with --select=test also each test set's best evaluation (DeepfakeBench's reporting)."""
+    """Validate and keep best.pt, the best validation video AUC: the test sets wait for the finish
+    (test_best). Without a validation set, or with --select=test, every test set is evaluated now:
+    best.pt follows the first test set, and --select=test also keeps each test set's best evaluation
+    (DeepfakeBench's reporting, selected on the test labels)."""
     out, kw = Path(cfg.out_dir), dict(batch=cfg.eval_batch_size, autocast=proc.autocast, workers=cfg.num_workers)
-    metrics = evaluate_sets(model, sets, **kw)
+    metrics = evaluate_sets(model, sets, **kw) if tests_every_epoch(cfg, val_set) else {}
     val = evaluate(model, val_set, **kw)["video_auc"] if val_set is not None else None
     progress.evals.append(dict(step=progress.step, epoch=epoch, seconds=seconds, val_video_auc=val,
                                video_auc={name: m["video_auc"] for name, m in metrics.items()}))
-    print_table(metrics)
+    if metrics:
+        print_table(metrics)
     if val is not None:
-        print(f"validation video AUC {val:.4f}")
-    score = val if cfg.select == "val" and val is not None else next(iter(metrics.values()))["video_auc"]
+        print(f"validation video AUC {val:.4f}", flush=True)
+    score = val if cfg.select == "val" and val is not None else next(iter(metrics.values()), {}).get("video_auc")
     if score is None or score >= progress.best_score:  # a one-class set has no AUC: its latest evaluation
         progress.best_score, progress.best_step = -1.0 if score is None else score, progress.step
         save_checkpoint(out / "best.pt", model, opt, cfg, progress)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        if metrics:
+            (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     if cfg.select == "test":  # each test set's best evaluation, selected on its own labels
         best = progress.best_per_test_set
         for name, m in metrics.items():
@@ -345,6 +373,20 @@ def end_of_epoch(model, opt, sets, val_set, progress, cfg, proc, *, epoch, secon
                 best[name] = {**m, "step": progress.step, "selected_on": "this test set (DeepfakeBench's reporting)"}
         (out / "metrics_best_per_test_set.json").write_text(json.dumps(best, indent=1))
     (out / "history.json").write_text(json.dumps(progress.history()))
+
+
+def tests_every_epoch(cfg, val_set):
+    """Whether the test sets are evaluated at every epoch's end, rather than once on best.pt."""
+    return cfg.select == "test" or val_set is None
+
+
+def test_best(model, sets, cfg, proc):
+    """The test sets on best.pt's weights, once, into metrics.json; the model keeps those weights."""
+    out = Path(cfg.out_dir)
+    load_weights(model, read_checkpoint(out / "best.pt"), out / "best.pt")
+    metrics = evaluate_sets(model, sets, batch=cfg.eval_batch_size, autocast=proc.autocast, workers=cfg.num_workers)
+    print_table(metrics)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -463,6 +505,7 @@ def main(argv):
             warn_skipped(skipped, b["skipped"])
             losses = None
             if "image" in b:  # a batch whose every frame is unreadable is a step without an update
+                schedule(opt, cfg, step=progress.step, total=cfg.epochs * per_epoch)
                 losses = train_step(stepped, b, opt, config=model.config, micro_batch=proc.micro_batch,
                                     autocast=proc.autocast, device=proc.device)
                 seen += len(b["label"]) * proc.world
@@ -482,8 +525,10 @@ def main(argv):
                 model.train()
                 save_checkpoint(out / "last.pt", model, opt, cfg, progress)
 
-        # The finish.
+        # The finish: the test sets on best.pt, the figures.
         if lead:
+            if sets and not tests_every_epoch(cfg, val_set):
+                test_best(model, sets, cfg, proc)
             finish(out, model, sets, progress, skipped, time.time() - t0)
         if proc.world > 1:
             dist.destroy_process_group()

@@ -208,6 +208,7 @@ def forge_upsample(face: Face, rng, strength: float):
 # ----------------------------------------------------------------------------- synthetic data set
 
 _IDENTITY, _SCENE, _FORGERY, _FRAME, _CAMERA = range(5)  # independent random streams (and _AUGMENT)
+CHANGED = 2  # 8-bit levels: a pixel a forgery moved by more than this, it changed (camera noise is shared)
 STRENGTH = 4.0  # videos draw s from STRENGTH · U(0.5, 1): what the default run learns; 1 is the subtle setting
 
 
@@ -230,14 +231,17 @@ def forge(method: str, face: Face, *, scene, pose, rng, frame_rng, strength: flo
 
 def _render_range(args):
     dataset, lo, hi = args
-    return np.stack([np.asarray(dataset.image(i)) for i in range(lo, hi)])
+    if isinstance(dataset, SyntheticForgeries):  # with where each forgery changed its frame
+        frames, changed = zip(*(dataset.render(i) for i in range(lo, hi)))
+        return np.stack(frames), np.stack(changed)
+    return np.stack([np.asarray(dataset.image(i)) for i in range(lo, hi)]), None
 
 
 def prerender(datasets, workers=2, chunk=64) -> int:
     """Render every frame of the synthetic data sets among `datasets` (or under a Subset) once, in
-    `workers` processes, and keep them in memory (uint8, S·S·3 bytes a frame): later reads cost
-    nothing. A rendered SelfBlendPairs keeps the blends of epoch 0 in every epoch. Returns the
-    number of frames rendered."""
+    `workers` processes, and keep them in memory (uint8, S·S·3 bytes a frame; a test set also keeps
+    where each forgery changed its frame, S·S bools): later reads cost nothing. A rendered
+    SelfBlendPairs keeps the blends of epoch 0 in every epoch. Returns the number of frames rendered."""
     from multiprocessing import get_context
     todo = {}
     for ds in datasets:
@@ -251,7 +255,10 @@ def prerender(datasets, workers=2, chunk=64) -> int:
     else:
         parts = list(map(_render_range, jobs))
     for ds in todo.values():
-        ds._cache = np.concatenate([p for (d, _, _), p in zip(jobs, parts) if d is ds])
+        mine = [p for (d, _, _), p in zip(jobs, parts) if d is ds]
+        ds._cache = np.concatenate([frames for frames, _ in mine])
+        if isinstance(ds, SyntheticForgeries):
+            ds._changed = np.concatenate([changed for _, changed in mine])
     return sum(map(len, todo.values()))
 
 
@@ -277,14 +284,32 @@ class SyntheticForgeries(FrameDataset):
                 self.samples.append(Sample(f"synthetic:{seed}/{video * frames_per_video + f}", int(not real),
                                            f"synthetic:{seed}/{method}/{video:05d}", method))
 
-    _cache = None  # (N, S, S, C) uint8 once prerender() ran
+    _cache = None    # (N, S, S, C) uint8 once prerender() ran
+    _changed = None  # (N, S, S) bool, likewise
 
     def image(self, index: int, forged: bool = True) -> Image.Image:
         """Frame `index` as the camera delivers it: before augmentation and resizing. With
-        forged=False, the same frame as it was before the forgery (figures outline the region
-        a forgery changed)."""
+        forged=False, the same frame as it was before the forgery."""
         if self._cache is not None and forged:
             return Image.fromarray(self._cache[index])
+        return self._draw(index, forged)
+
+    def render(self, index: int):
+        """(frame, changed): frame `index` (uint8 (S, S, C)) and where its forgery changed it,
+        (S, S) bool: the pixels whose mean over C differs by more than CHANGED 8-bit levels from
+        the same frame drawn without the forgery (camera noise and JPEG alike). None changed in a
+        real frame; in a self-blend onto an altered target, all of it did."""
+        frame = np.asarray(self._draw(index, True))
+        if self.samples[index].label == 0:
+            return frame, np.zeros(frame.shape[:2], dtype=bool)
+        pristine = np.asarray(self._draw(index, False))
+        return frame, np.abs(frame.astype(np.int16) - pristine).mean(-1) > CHANGED
+
+    def changed(self, index: int) -> np.ndarray:
+        """Where the forgery of frame `index` changed it, (S, S) bool (render)."""
+        return self._changed[index] if self._changed is not None else self.render(index)[1]
+
+    def _draw(self, index: int, forged: bool) -> Image.Image:
         video, f = divmod(int(index), self.frames_per_video)
         method, size = self.samples[index].method if forged else "real", self.image_size
         ident = random_identity(np.random.default_rng((self.seed, _IDENTITY, video)))
@@ -353,6 +378,9 @@ class FamilyTestSet(torch.utils.data.Subset):
 
     def image(self, index: int, forged: bool = True) -> Image.Image:
         return self.dataset.image(self.indices[index], forged)
+
+    def changed(self, index: int) -> np.ndarray:
+        return self.dataset.changed(self.indices[index])
 
 
 def family_test_sets(shared: "SyntheticForgeries") -> dict:

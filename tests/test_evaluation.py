@@ -7,6 +7,7 @@ import torch
 
 import synthetic
 from dfdhr import DFDHR, make_config
+import evaluation
 from evaluation import compute_metrics, evaluate, evaluate_sets
 
 
@@ -49,3 +50,90 @@ def test_family_test_sets_evaluated_together_score_as_each_alone():
         assert together[name]["exit_layers"] == alone["exit_layers"]
         assert together[name]["video_auc"] == pytest.approx(alone["video_auc"])
         np.testing.assert_allclose(together[name]["gate_weights"]["fake"], alone["gate_weights"]["fake"])
+
+
+def delong_se(scores, labels):
+    """DeLong's standard error of the AUC (DeLong, DeLong & Clarke-Pearson 1988), by its definition:
+    the variances of the fakes' and the reals' placement values."""
+    fake, real = scores[labels == 1], scores[labels == 0]
+    psi = (fake[:, None] > real[None, :]) + 0.5 * (fake[:, None] == real[None, :])  # (fakes, reals)
+    return np.sqrt(psi.mean(1).var(ddof=1) / len(fake) + psi.mean(0).var(ddof=1) / len(real))
+
+
+def test_video_auc_interval_is_a_stratified_bootstrap_as_scipy_draws_it():
+    """The interval against scipy.stats.bootstrap resampling real and fake apart (percentile, the
+    statistic sklearn's AUC), and against the width of DeLong's normal interval."""
+    from scipy.stats import bootstrap
+    from sklearn.metrics import roc_auc_score
+    rng = np.random.default_rng(1)
+    fake, real = rng.normal(1.2, 1, 100), rng.normal(0, 1, 100)  # an AUC near 0.8, 100 videos a class
+    scores, labels = np.r_[fake, real], np.r_[np.ones(100), np.zeros(100)]
+    ours = evaluation.auc_interval(scores, labels)
+    ref = bootstrap((fake, real), lambda f, r: roc_auc_score(np.r_[np.ones(len(f)), np.zeros(len(r))], np.r_[f, r]),
+                    paired=False, vectorized=False, n_resamples=600, method="percentile", rng=7).confidence_interval
+    np.testing.assert_allclose(ours, [ref.low, ref.high], atol=0.015)  # 600 resamples: Monte-Carlo error
+    auc = roc_auc_score(labels, scores)
+    assert ours[0] < auc < ours[1]
+    assert ours[1] - ours[0] == pytest.approx(2 * 1.96 * delong_se(scores, labels), rel=0.15)
+
+
+def test_compute_metrics_gives_the_video_auc_its_interval():
+    rng = np.random.default_rng(2)
+    probs, labels = rng.random(40), np.repeat([0, 1], 20)
+    videos = [f"v{i // 2}" for i in range(40)]  # two frames a video
+    m = compute_metrics(probs, labels, videos)
+    per_video = probs.reshape(20, 2).mean(1)
+    assert m["video_auc_interval"] == evaluation.auc_interval(per_video, labels[::2])
+    assert m["video_auc_interval"][0] <= m["video_auc"] <= m["video_auc_interval"][1]
+
+
+def test_gate_difference_names_the_expert_that_differs_and_no_other():
+    rng = np.random.default_rng(3)
+    labels = np.repeat([0, 1], 200)
+    gates = rng.dirichlet(np.ones(4) * 50, size=400)  # (frames, E)
+    gates[labels == 1, 2] += 0.03  # expert #3 (1-based) weighs more on fakes
+    videos = [f"v{i // 4}" for i in range(400)]
+    d = evaluation.gate_difference(gates, labels, videos)
+    by_video = gates.reshape(100, 4, 4).mean(1)
+    point = by_video[50:].mean(0) - by_video[:50].mean(0)
+    np.testing.assert_allclose(d["fake_minus_real"], point, atol=1e-5)
+    assert d["separating_expert"] == 3
+    low, high = np.array(d["interval"])
+    assert low[2] > 0 and all(low[e] < 0 < high[e] for e in (0, 1, 3))
+
+
+def test_forged_patches_and_kept_counts_against_a_loop_over_patches(small):
+    rng = np.random.default_rng(4)
+    S, g = small.image_size, small.view_size // small.patch_size  # 128 px frames, 8 x 8 patches a view
+    changed = np.zeros((S, S), dtype=bool)
+    changed[20:70, 30:100] = True  # a block, over several patches of the original and three split images
+    forged = evaluation.forged_patches(changed, small)
+    for v in range(5):  # the original image's patch is 16 frame pixels a side, a split image's 8
+        side, (top, left) = (S // g, (0, 0)) if v == 0 else (S // (2 * g), divmod(v - 1, 2))
+        for p in range(g * g):
+            r, c = divmod(p, g)
+            y, x = top * S // 2 + r * side, left * S // 2 + c * side
+            assert forged[v, p] == (changed[y:y + side, x:x + side].mean() >= 0.25)
+    kept = np.stack([np.stack([np.sort(rng.choice(g * g + 1, 48, replace=False)) for _ in range(5)])
+                     for _ in range(4)])  # (R, V, n̂) token indices, CLS (0) among them
+    kept[3, 2] = -1  # that view had exited by the last routed layer
+    counts = evaluation.kept_counts(kept, forged)
+    for r in range(4):
+        for v in range(5):
+            patches = set((kept[r, v][kept[r, v] >= 1] - 1).tolist())
+            expected = [sum(p in patches for p in range(g * g) if forged[v, p]), forged[v].sum(),
+                        sum(p in patches for p in range(g * g) if not forged[v, p]), (~forged[v]).sum()]
+            assert counts[r, v].tolist() == (expected if (r, v) != (3, 2) else [0, 0, 0, 0])
+
+
+def test_changed_is_where_the_frame_differs_from_its_unforged_draw():
+    """A synthetic test frame's forged region against the two draws compared directly, prerendered or not."""
+    ds = synthetic.SyntheticForgeries(methods=("partial", "faceswap"), num_videos=4, frames_per_video=1,
+                                      image_size=64, seed=3)
+    for i, s in enumerate(ds.samples):
+        diff = np.abs(np.asarray(ds.image(i), dtype=float) - np.asarray(ds.image(i, forged=False), dtype=float))
+        assert np.array_equal(ds.changed(i), diff.mean(-1) > synthetic.forgeries.CHANGED)
+        assert ds.changed(i).any() == (s.label == 1)
+    before = [ds.changed(i) for i in range(len(ds))]
+    synthetic.prerender([ds], workers=1)
+    assert all(np.array_equal(a, ds.changed(i)) for i, a in enumerate(before))

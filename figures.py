@@ -5,6 +5,7 @@
   gate_table        supp. Tab. D itself: gate weights in %, the rank of each expert in parentheses
   roc               frame-level ROC curve per test set, behind the AUCs of the paper's tables
   training_curves   L = CE + λ·L_rank and its parts per step; video AUC per test set at epoch ends
+  token_recall      Token Selection against the forged region: forged patches kept relative to the others
   token_overlays    supp. Fig. B style: test faces with exit layer and fake probability, and the
                     tokens each routed layer kept (Token Selection) drawn over the original image,
                     from overlay_data(model, dataset): a stored run draws it without its model
@@ -267,6 +268,28 @@ def token_overlays(overlays, dataset):
     return fig
 
 
+def token_recall(metrics):
+    """Token Selection against the forged region: per test set and routed layer, the share of forged
+    patches kept over the share of other patches kept, original and split images (1: blind to the
+    forgery; above 1: it keeps the forgery). None if no test set knows its forged regions."""
+    rows = [(name, m["token_recall"]) for name, m in metrics.items() if "token_recall" in m]
+    if not rows:
+        return None
+    fig = _figure(6, 3.6)
+    ax = fig.add_subplot()
+    for i, (name, tr) in enumerate(rows):
+        for view, style in (("original", "-"), ("split", "--")):
+            if view in tr:
+                ax.plot(tr["layers"], tr[view]["ratio"], style, marker="o", color=SETS[i % len(SETS)],
+                        label=f"{name}, {view}")
+    ax.axhline(1, color="grey", linewidth=0.8)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(xlabel="routed layer", ylabel="forged kept / other kept",
+           title="Token Selection: forged patches kept, relative to other patches")
+    ax.legend(fontsize=7, ncol=2)
+    return fig
+
+
 # ----------------------------------------------------------------------------- a run's figures
 
 def write_run_figures(out_dir, metrics, history, model, test_sets):
@@ -296,6 +319,9 @@ def write_run_figures(out_dir, metrics, history, model, test_sets):
                  f"gate_weights_{safe[name]}.png")
         table += [f"## {name}", "", gate_table(m)]
     save(roc(metrics), "roc.png")
+    recall = token_recall(metrics)
+    if recall is not None:
+        save(recall, "token_recall.png")
     save(training_curves(history), "training_curves.png")
     if model is not None and test_sets:
         first = next(iter(test_sets.values()))

@@ -237,16 +237,24 @@ def _render_range(args):
     return np.stack([np.asarray(dataset.image(i)) for i in range(lo, hi)]), None
 
 
+_RENDERED = {}  # render_key() -> (frames, changed): a process that trains several runs renders once
+
+
 def prerender(datasets, workers=2, chunk=64) -> int:
     """Render every frame of the synthetic data sets among `datasets` (or under a Subset) once, in
     `workers` processes, and keep them in memory (uint8, S·S·3 bytes a frame; a test set also keeps
-    where each forgery changed its frame, S·S bools): later reads cost nothing. A rendered
-    SelfBlendPairs keeps the blends of epoch 0 in every epoch. Returns the number of frames rendered."""
+    where each forgery changed its frame, S·S bools): later reads cost nothing, and a later data set
+    of the same frames in this process takes them as they are. A rendered SelfBlendPairs keeps the
+    blends of epoch 0 in every epoch. Returns the number of frames rendered."""
     from multiprocessing import get_context
     todo = {}
     for ds in datasets:
         ds = getattr(ds, "dataset", ds)  # a Subset's data set
-        if isinstance(ds, (SyntheticForgeries, SelfBlendPairs)) and ds._cache is None:
+        if not isinstance(ds, (SyntheticForgeries, SelfBlendPairs)) or ds._cache is not None:
+            continue
+        if ds.render_key() in _RENDERED:
+            ds._cache, ds._changed = _RENDERED[ds.render_key()]
+        else:
             todo[id(ds)] = ds
     jobs = [(ds, lo, min(lo + chunk, len(ds))) for ds in todo.values() for lo in range(0, len(ds), chunk)]
     if workers > 1 and len(jobs) > 1:
@@ -259,6 +267,7 @@ def prerender(datasets, workers=2, chunk=64) -> int:
         ds._cache = np.concatenate([frames for frames, _ in mine])
         if isinstance(ds, SyntheticForgeries):
             ds._changed = np.concatenate([changed for _, changed in mine])
+        _RENDERED[ds.render_key()] = ds._cache, ds._changed
     return sum(map(len, todo.values()))
 
 
@@ -286,6 +295,11 @@ class SyntheticForgeries(FrameDataset):
 
     _cache = None    # (N, S, S, C) uint8 once prerender() ran
     _changed = None  # (N, S, S) bool, likewise
+
+    def render_key(self):
+        """What its frames are drawn from: two data sets of one key hold the same frames."""
+        return (type(self).__name__, self.seed, self.image_size, self.strength, self.frames_per_video,
+                tuple(s.method for s in self.samples[::self.frames_per_video]))
 
     def image(self, index: int, forged: bool = True) -> Image.Image:
         """Frame `index` as the camera delivers it: before augmentation and resizing. With
@@ -359,6 +373,11 @@ class SelfBlendPairs(FrameDataset):
         return out
 
     _cache = None
+    _changed = None  # unused: a training pair's forgery is its self-blend
+
+    def render_key(self):
+        """What its frames are drawn from: two data sets of one key hold the same frames."""
+        return type(self).__name__, self.seed, self.image_size, self.strength, self.frames_per_video, len(self)
 
     def image(self, index: int) -> Image.Image:
         if self._cache is not None:

@@ -1,9 +1,11 @@
-"""The project's own supp. Tab. A and main ablation: fine-tuning methods of finetune.py, DFD-HR and rows
-of dfdhr.ABLATIONS, each trained by train.py with the same budget on the same data, in one table.
+"""The project's own supp. Tab. A, main ablation and Tab. 5, 6, 8: fine-tuning methods of finetune.py, DFD-HR,
+rows of dfdhr.ABLATIONS and the methods of baselines/, each trained by train.py with the same budget on the
+same data, in one table.
 
     python -m benchmarks.compare_methods                        # every method, a train.py run each, synthetic benchmark
     python -m benchmarks.compare_methods --methods=lora,dora,dfdhr --max_iters=300 --synthetic_train_videos=480
     python -m benchmarks.compare_methods --ablations=main       # the main ablation: baseline, each router added, full
+    python -m benchmarks.compare_methods --ablations=tab6       # a table of supp. Sec. B: tab5, tab6 or tab8 (TABLES)
     python -m benchmarks.compare_methods --params_only          # trainable parameters at the paper's size
 
 The options of this script are `Options` below; every other `--key=value` goes to each train.py run unchanged. Run NAME
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+import baselines
 import cli
 import finetune
 import train
@@ -26,7 +29,8 @@ from dfdhr import ABLATIONS, DFDHR, DFDHRConfig, make_config
 @dataclass(frozen=True)
 class Options:
     methods: str = ",".join((*finetune.METHODS, "dfdhr"))  # comma-separated
-    ablations: str = ""         # instead of methods: rows of dfdhr.ABLATIONS, comma-separated, or "main"
+    ablations: str = ""         # instead of methods: rows of dfdhr.ABLATIONS (or baselines.METHODS), comma-separated,
+                                # or a table of TABLES: "main", "tab5", "tab6", "tab8"
     out_dir: str = "out/compare"
     max_iters: int = 0          # steps per run (0: train.py's own, its epochs)
     params_only: bool = False   # print the trainable parameters at the paper preset, train nothing
@@ -35,6 +39,15 @@ class Options:
 # The paper's main ablation: routers added one at a time to the baseline, and the
 # Multi-Scale Fusion without and with them.
 MAIN_ABLATION = ("baseline", "+layer_pruning", "+token_selection", "+expert_routing", "fusion_only", "full")
+# The tables of supp. Sec. B, each with the rows of ours they are compared with first: Tab. 5 under Early Layer
+# Pruning (without token selection, then ours), Tab. 6 in the baseline regime (the baseline, then our
+# Multi-Scale Fusion), Tab. 8 against the full model. A name of baselines.METHODS is a --method= run.
+TABLES = {
+    "main": MAIN_ABLATION,
+    "tab5": ("+layer_pruning", "+token_selection", "pca", "fastv", "sparse_attention"),
+    "tab6": ("baseline", "fusion_only", "split_ensemble", "multi_cls_pooling", *baselines.METHODS),
+    "tab8": ("full", "sa_pooling", "soft_routers", "shared_layer_judges", "gap_judges", "learn_weight"),
+}
 
 
 def trainable(config, method):
@@ -66,15 +79,15 @@ def main(argv):
     if "method" in given or "ablation" in given:
         raise SystemExit("--method and --ablation are set by this script for each run")
     if opts.ablations:
-        names = list(MAIN_ABLATION) if opts.ablations == "main" else opts.ablations.split(",")
-        unknown = [a for a in names if a not in ABLATIONS]
-        kind = "ablation"
+        names = list(TABLES.get(opts.ablations, opts.ablations.split(",")))
+        kinds = {n: "ablation" if n in ABLATIONS else "method" for n in names}
+        unknown = [n for n in names if n not in ABLATIONS and n not in baselines.METHODS]
     else:
         names = [m for m in opts.methods.split(",") if m]
-        unknown = [m for m in names if m != "dfdhr" and m not in finetune.METHODS]
-        kind = "method"
+        kinds = {n: "method" for n in names}
+        unknown = [m for m in names if m != "dfdhr" and m not in finetune.METHODS and m not in baselines.METHODS]
     if unknown:
-        raise SystemExit(f"unknown {kind}s {unknown}")
+        raise SystemExit(f"unknown {'rows' if opts.ablations else 'methods'} {unknown}")
     if opts.params_only:
         table = params_table(names)
         print(table)
@@ -83,7 +96,7 @@ def main(argv):
     root = Path(opts.out_dir)
     rows, test_sets = [], []
     for name in names:
-        run = root / name
+        run, kind = root / name, kinds[name]
         print(f"\n=== {name} -> {run}", flush=True)
         (run / "metrics.json").unlink(missing_ok=True)
         t0 = time.time()
@@ -101,14 +114,15 @@ def main(argv):
         params = trainable(DFDHRConfig(**config), "dfdhr" if kind == "ablation" else name) if config else None
         if config is None:
             backbone = None
-        elif kind == "method" and name != "baseline":
+        elif kind == "method" and name not in ("baseline", *baselines.METHODS):
             backbone = "PEFT"  # the method decides what of the backbone trains (finetune.py)
         else:
             backbone = "frozen" if config["freeze_backbone"] else "fine-tuned"
         test_sets += [t for t in metrics if t not in test_sets]
         rows.append((name, backbone, params, metrics, seconds, error))
 
-    header = [kind, "backbone", "trainable params", *[f"{t} video AUC" for t in test_sets], "GMAC / image", "seconds"]
+    header = ["row" if opts.ablations else "method", "backbone", "trainable params",
+              *[f"{t} video AUC" for t in test_sets], "GMAC / image", "seconds"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, backbone, params, metrics, seconds, error in rows:
         gmac = next(iter(metrics.values()))["gmac_per_image"] if metrics else None
@@ -118,7 +132,8 @@ def main(argv):
     settings = " ".join([f"--max_iters={opts.max_iters}", *passed])
     table = (f"Same budget for every run: `{settings}`\n\n" + "\n".join(lines) + "\n\n"
              "GMAC (multiply-adds, the paper's FLOPs): train.py's estimate (dfdhr.estimate_flops) at the exits taken; for the methods of finetune.py it is\n"
-             "the plain ViT's, without the adapters' or prompts' own cost (VPT-deep runs N + 5 tokens).")
+             "the plain ViT's, without the adapters' or prompts' own cost (VPT-deep runs N + 5 tokens); for RINE, D³ and MRA\n"
+             "(baselines/) the ViT's by the formula on each view, and MRA's ConvNeXt and adapters.")
     root.mkdir(parents=True, exist_ok=True)
     (root / "comparison.md").write_text(table + "\n")
     print("\n" + table)

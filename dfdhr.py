@@ -436,7 +436,8 @@ class DFDHR(nn.Module):
     def __init__(self, config, backbone=None):
         """`backbone`: a loaded CLIP ViT (vit.load_clip); the config's backbone sizes are taken from it."""
         super().__init__()
-        self.config, self.backbone = config, backbone = with_backbone(config, backbone)
+        config, backbone = with_backbone(config, backbone)
+        self.config, self.backbone = config, backbone
         routes_original = config.route_original or not config.multi_scale
         self.original_routers = Routers(config, on=routes_original)
         if config.multi_scale and routes_original and config.share_routers:  # supp. Tab. B "w.i. shared"
@@ -465,8 +466,7 @@ class DFDHR(nn.Module):
         add (Token-level Expert Routing): (b, n, D) -> (b, n, D), and the gates (b, 2, E) or None.
         sparse: its attention within groups of patches (Tab. 5 "Sparse Attention")."""
         blk = self.backbone.blocks[i]
-        t = blk.ln_1(x)
-        a = sparse_attention(blk.attn, t, self.config.sparse_size) if sparse else blk.attn(t)
+        a = sparse_attention(blk.attn, blk.ln_1(x), self.config.sparse_size) if sparse else blk.attn(blk.ln_1(x))
         if experts is None:
             x = x + a
             return x + blk.mlp(blk.ln_2(x)), None

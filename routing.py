@@ -306,4 +306,3 @@ def sparse_attention(attn, x, sparse_size):
     patches = patches.reshape(B, H, stride, stride, s, s, d).permute(0, 1, 4, 2, 5, 3, 6).reshape(B, H, N - 1, d)
     cls = F.scaled_dot_product_attention(q[:, :, :1], k, v)  # (B, H, 1, d)
     return attn.merge_heads(torch.cat([cls, patches], 2))
-

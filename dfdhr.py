@@ -31,15 +31,22 @@ Glossary, the paper's, used in this sense by every module of the project:
 """
 import math
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from routing import (LayerJudge, MixtureOfAdapters, TokenJudge, gumbel_sigmoid, num_kept, routed_update,
-                     run_on_selected, spearman_loss, still_active)
-from vit import VisionTransformer
+from routing import (LayerJudge, MixtureOfAdapters, TokenJudge, attention_received, gumbel_sigmoid, judge_and_cosine,
+                     judges, num_kept, principal_components, routed_update, run_on_selected, soft_gate,
+                     sparse_attention, spearman_loss, still_active)
+from vit import Attention, VisionTransformer
+
+# How a routed layer treats the tokens (DFDHRConfig.token_rule): Token Selection by the judge, Tab. 8 "Learn.+Weight"
+# and Tab. 5 "FastV" run the block on the n̂ tokens they keep; Tab. 5 "PCA" and "Sparse Attention" on all.
+SELECTING_RULES = ("judge", "judge+cosine", "fastv")
+TOKEN_RULES = (*SELECTING_RULES, "pca", "sparse_attention")
 
 
 @dataclass(frozen=True)
@@ -85,6 +92,15 @@ class DFDHRConfig:
     # Training.
     freeze_backbone: bool = True  # released code; False = full fine-tuning (the paper's baseline, lr 1e-6)
     num_classes: int = 2          # real, fake
+    # What the paper compares its designs with (supp. Sec. B), off by default; ABLATIONS names the rows.
+    token_rule: str = "judge"     # how routed layers treat tokens: TOKEN_RULES, Tab. 5 and Tab. 8 "Learn.+Weight"
+    pca_components: int = 32      # Tab. 5 "PCA": principal components kept (supp.)
+    sparse_size: int = 8          # Tab. 5 "Sparse Attention": groups of s × s patches at a stride of grid/s (supp.)
+    fusion: str = "query"         # the split images' CLS "query"-pooled (Q); Tab. 8 "self_attention", Tab. 6 "ensemble"
+    layer_cls: bool = False       # Tab. 6 "Multi CLS Pooling": one view; its CLS after each routed layer, query-pooled
+    judge_input: str = "cls"      # what a layer judge reads: "cls", or Tab. 8 "gap" ("w.i. GAP": all tokens' mean)
+    share_layer_judges: bool = False  # Tab. 8 "w.i. Shared": one layer judge for every routed layer
+    soft_routers: bool = False    # Tab. 8 "w.o. Gumbel": the layer gate σ(logit/τ) in training, hard at inference
 
     def __post_init__(self):
         problems = []
@@ -105,6 +121,17 @@ class DFDHRConfig:
             problems.append("num_experts, adapter_rank, judge_hidden, gumbel_tau and rank_temperature must be > 0")
         if self.gumbel_draw not in ("logistic", "gumbel"):
             problems.append(f"gumbel_draw={self.gumbel_draw!r} must be 'logistic' or 'gumbel'")
+        rule, grid = self.token_rule, self.view_size // self.patch_size
+        problems += [why for wrong, why in (
+            (rule not in TOKEN_RULES, f"token_rule={rule!r} must be one of {', '.join(TOKEN_RULES)}"),
+            (self.fusion not in ("query", "self_attention", "ensemble"), f"fusion={self.fusion!r} is not a fusion"),
+            (self.judge_input not in ("cls", "gap"), f"judge_input={self.judge_input!r} must be 'cls' or 'gap'"),
+            (rule == "pca" and not 0 < self.pca_components <= min(self.num_tokens, self.width),
+             f"pca_components={self.pca_components} must be in 1..min(tokens, width)"),
+            (rule == "sparse_attention" and (self.sparse_size < 1 or grid % self.sparse_size),
+             f"sparse_size={self.sparse_size} does not divide the grid's side of {grid} patches"),
+            (rule == "fastv" and self.first_routed_layer < 1, "token_rule='fastv' needs a layer K-1 (K >= 1)"),
+            (self.layer_cls and self.multi_scale, "layer_cls pools one view's CLS: needs multi_scale=False")) if wrong]
         if problems:
             raise ValueError("invalid DFDHRConfig: " + "; ".join(problems))
 
@@ -129,7 +156,9 @@ PRESETS = {
     # early while inference runs them all; ×4 starts them near certain to run (README, "Judge
     # initialisation").
     "small": DFDHRConfig(view_size=64, patch_size=8, width=128, layers=8, heads=2, embed_dim=128, image_size=128,
-                         first_routed_layer=4, judge_hidden=32, adapter_rank=32, judge_init_gain=4.0),
+                         first_routed_layer=4, judge_hidden=32, adapter_rank=32, judge_init_gain=4.0,
+                         # Tab. 5 as at 16 × 16 patches: 4 groups at stride 2; the tokens' share of components (32/257)
+                         sparse_size=4, pca_components=8),
 }
 # The small preset's pretrained backbone (synthetic/pretrain.py), relative to the repository root,
 # where the README's commands run.
@@ -158,6 +187,22 @@ ABLATIONS = {
     "released": dict(judge_gradient=False, gumbel_draw="gumbel", soft_rank=False, rank_all_layers=False,
                      route_last_layer=False, gate_noise=False),
 }
+# The designs the paper compares its own with (supp. Sec. B), each the row it is compared with and one change.
+ABLATIONS.update({
+    # Tab. 5: under Early Layer Pruning, the "+token_selection" row with another rule in the routed layers
+    "pca": {**ABLATIONS["+token_selection"], "token_rule": "pca"},                        # "PCA" (LongCLIP)
+    "fastv": {**ABLATIONS["+token_selection"], "token_rule": "fastv"},                    # "FastV"
+    "sparse_attention": {**ABLATIONS["+token_selection"], "token_rule": "sparse_attention"},  # "Sparse Attention"
+    # Tab. 6: the baseline regime (fine-tuned at backbone_lr, no routers); RINE, D³ and MRA are in baselines/
+    "split_ensemble": {**ABLATIONS["fusion_only"], "fusion": "ensemble"},                 # "Split Ensemble"
+    "multi_cls_pooling": {**ABLATIONS["baseline"], "layer_cls": True},                    # "Multi CLS Pooling"
+    # Tab. 8: the full model with one design changed
+    "sa_pooling": dict(fusion="self_attention"),                                          # "SA Pooling"
+    "soft_routers": dict(soft_routers=True),                                              # "w.o. Gumbel"
+    "shared_layer_judges": dict(share_layer_judges=True),                                 # "w.i. Shared"
+    "gap_judges": dict(judge_input="gap"),                                                # "w.i. GAP"
+    "learn_weight": dict(token_rule="judge+cosine"),                                      # "Learn.+Weight"
+})
 
 
 def make_config(preset="paper", ablation="full", **overrides):
@@ -171,9 +216,10 @@ def make_config(preset="paper", ablation="full", **overrides):
 # Computing cost (supp. "Computing Cost Estimation")
 # ---------------------------------------------------------------------------------------------
 
-def layer_flops(n, d, m):
-    """One block on n tokens: 4nd² (q, k, v, out) + 2n²d (QKᵀ, AV) + 2ndm (MLP). Multiply-adds."""
-    return 4 * n * d * d + 2 * n * n * d + 2 * n * d * m
+def layer_flops(n, d, m, pairs=None):
+    """One block on n tokens: 4nd² (q, k, v, out) + 2n²d (QKᵀ, AV) + 2ndm (MLP). Multiply-adds.
+    pairs: the (query, key) pairs attention weighs, n² unless the attention is sparse (Tab. 5)."""
+    return 4 * n * d * d + 2 * (n * n if pairs is None else pairs) * d + 2 * n * d * m
 
 
 def estimate_flops(config, exit_layer=None):
@@ -183,22 +229,52 @@ def estimate_flops(config, exit_layer=None):
     the exit layer (a number or a tensor of them; default L). A "FLOP" is a multiply-add, as in the
     paper. Each mixture of adapters costs E·2dr (adapters) + 2dE (gate, expert biases) per token,
     two per layer. An unrouted last layer (released code) runs on all n tokens for every sample.
+    Tab. 5's routed layers: FastV runs n̂ tokens after CLS's query and the keys of layer K-1 (d² + nd² + nd);
+    PCA all n and its projection 2ndk (not its SVD); sparse attention weighs (n-1)(s²+1) + n pairs.
     Omitted, as in the paper: patch embedding, norms, softmax, element-wise ops, judges, pooling, head.
     """
     n, d, m, K = config.num_tokens, config.width, 4 * config.width, config.first_routed_layer
     routed = config.routed_layers
     T = routed.stop if exit_layer is None else exit_layer
     T = torch.clamp(T, max=routed.stop) if torch.is_tensor(T) else min(T, routed.stop)
-    n_hat = num_kept(n, config.keep_ratio) if config.token_selection else n
+    rule = config.token_rule if config.token_selection else None
+    n_hat = num_kept(n, config.keep_ratio) if rule in SELECTING_RULES else n
     experts = 2 * (config.num_experts * 2 * d * config.adapter_rank + 2 * d * config.num_experts) \
         if config.expert_routing else 0
     full, selected = layer_flops(n, d, m) + n * experts, layer_flops(n_hat, d, m) + n_hat * experts
-    return K * full + (T - K) * selected + (config.layers - routed.stop) * full
+    if rule == "pca":
+        selected = full + 2 * n * d * config.pca_components
+    elif rule == "sparse_attention":
+        selected = layer_flops(n, d, m, pairs=(n - 1) * (config.sparse_size ** 2 + 1) + n) + n * experts
+    ranking = d * d + n * d * d + n * d if rule == "fastv" else 0
+    return K * full + ranking + (T - K) * selected + (config.layers - routed.stop) * full
 
 
 # ---------------------------------------------------------------------------------------------
 # The model
 # ---------------------------------------------------------------------------------------------
+
+def with_backbone(config, backbone=None):
+    """(config, backbone): a new CLIP ViT of the config's sizes, or a loaded one (vit.load_clip), config fitted."""
+    if backbone is None:
+        backbone = VisionTransformer(image_size=config.view_size, patch_size=config.patch_size, width=config.width,
+                                     layers=config.layers, heads=config.heads, output_dim=config.embed_dim)
+    else:
+        config = replace(config, view_size=backbone.image_size, patch_size=backbone.patch_size, width=backbone.width,
+                         layers=len(backbone.blocks), heads=backbone.heads, embed_dim=backbone.output_dim,
+                         image_size=2 * backbone.image_size if config.multi_scale else backbone.image_size)
+    return config, backbone.requires_grad_(not config.freeze_backbone)
+
+
+def param_groups(roles, *, lr, backbone_lr, slow=("backbone",)):
+    """Adam's groups: one per role {name: [modules or None]} with trainable parameters; `slow` roles at backbone_lr."""
+    groups = []
+    for role, modules in roles.items():
+        params = [p for m in modules if m is not None for p in m.parameters() if p.requires_grad]
+        if params:
+            groups.append(dict(name=role, params=params, lr=backbone_lr if role in slow else lr))
+    return groups
+
 
 def original_image(x, size):
     """The original image of Multi-Scale Fusion: the face crop resized to the backbone's input,
@@ -234,20 +310,19 @@ class ExpertPair(nn.Module):
 class Routers(nn.Module):
     """One branch's routers: a layer judge and a token judge per routed layer, an expert pair per
     layer, each kind present where the config switches it on (`on=False`: a branch that does not
-    route). Asked for layer i, each answers None where it is off or i is not a routed layer."""
+    route). Asked for layer i, each answers None where it is off or i is not a routed layer.
+    `token_rule`: how this branch's routed layers treat the tokens (None: they run them all)."""
 
     def __init__(self, config, *, on=True):
         super().__init__()
         self.on, self.routed = on and config.routing, config.routed_layers
         D, n = config.width, len(self.routed)
         judge = dict(dim=D, hidden=config.judge_hidden, init_gain=config.judge_init_gain)
-        self.layer_judges = nn.ModuleList(LayerJudge(**judge) for _ in range(n)) \
+        self.layer_judges = judges(lambda: LayerJudge(**judge), n, shared=config.share_layer_judges) \
             if on and config.layer_pruning else None
-        if on and config.token_selection:  # supp. Tab. C(c): one judge for every routed layer, or one each
-            judges = [TokenJudge(dim=D)] * n if config.share_token_judges else [TokenJudge(dim=D) for _ in range(n)]
-            self.token_judges = nn.ModuleList(judges)
-        else:
-            self.token_judges = None
+        self.token_rule = config.token_rule if on and config.token_selection else None
+        self.token_judges = judges(lambda: TokenJudge(dim=D), n, shared=config.share_token_judges) \
+            if self.token_rule in ("judge", "judge+cosine") else None
         self.experts = nn.ModuleList(ExpertPair(config) for _ in range(config.layers)) \
             if on and config.expert_routing else None
 
@@ -259,6 +334,9 @@ class Routers(nn.Module):
 
     def token_judge(self, i):
         return self._routed(self.token_judges, i)
+
+    def token_rule_at(self, i):
+        return self.token_rule if i in self.routed else None
 
     def experts_at(self, i):
         return self.experts[i] if self.experts is not None else None
@@ -277,6 +355,17 @@ class QueryPooling(nn.Module):
         return self.attn(query, tokens, tokens, need_weights=False)[0][:, 0]
 
 
+class SelfAttentionPooling(nn.Module):
+    """Tab. 8 "SA Pooling": multi-head self-attention among the split images' CLS, averaged, (B, 4, P) -> (B, P)."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.attn = Attention(width=dim, heads=heads)
+
+    def forward(self, tokens):
+        return self.attn(tokens).mean(1)
+
+
 class LayerOut(NamedTuple):
     h: torch.Tensor        # (b, N, D) Layer_i(H_i)
     gates: torch.Tensor    # (b, 2, E) mean expert weights after attention and after the MLP, or None
@@ -284,11 +373,11 @@ class LayerOut(NamedTuple):
     scores: torch.Tensor   # (b, N) the token judge's scores, or None
 
 
-def on_active_rows(layer, h, active):
-    """Inference with exits: run `layer` on the rows still active only. Exited rows keep their
-    hidden state, and get gates NaN and kept tokens -1, so every output stays full-size."""
+def on_active_rows(layer, h, active, *per_row):
+    """Inference with exits: run `layer` on the rows still active only (of h and each per_row tensor or None).
+    Exited rows keep their hidden state, and get gates NaN and kept tokens -1: every output stays full-size."""
     rows = active.nonzero().squeeze(1)
-    out = layer(h[rows])
+    out = layer(h[rows], *(None if t is None else t[rows] for t in per_row))
 
     def full(t, fill):
         return None if t is None else t.new_full((len(h), *t.shape[1:]), fill).index_copy(0, rows, t)
@@ -303,6 +392,7 @@ class Encoded(NamedTuple):
     gates: torch.Tensor       # (B, L, 2, E) mean expert gate weights, NaN where skipped or without experts
     ranked: list              # training: per routed layer (scores (B, N), input tokens (B, N, D)) for L_rank
     flops: torch.Tensor       # (B,) multiply-adds spent (estimate_flops at the exit layer)
+    layer_cls: list           # per routed layer, the CLS (B, D) after it (Tab. 6 "Multi CLS Pooling")
 
 
 class DFDHROutput(NamedTuple):
@@ -346,17 +436,8 @@ class DFDHR(nn.Module):
     def __init__(self, config, backbone=None):
         """`backbone`: a loaded CLIP ViT (vit.load_clip); the config's backbone sizes are taken from it."""
         super().__init__()
-        if backbone is None:
-            backbone = VisionTransformer(image_size=config.view_size, patch_size=config.patch_size,
-                                         width=config.width, layers=config.layers, heads=config.heads,
-                                         output_dim=config.embed_dim)
-        else:
-            config = replace(config, view_size=backbone.image_size, patch_size=backbone.patch_size,
-                             width=backbone.width, layers=len(backbone.blocks), heads=backbone.heads,
-                             embed_dim=backbone.output_dim,
-                             image_size=2 * backbone.image_size if config.multi_scale else backbone.image_size)
-        self.config = config
-        self.backbone = backbone.requires_grad_(not config.freeze_backbone)
+        config, backbone = with_backbone(config, backbone)
+        self.config, self.backbone = config, backbone
         routes_original = config.route_original or not config.multi_scale
         self.original_routers = Routers(config, on=routes_original)
         if config.multi_scale and routes_original and config.share_routers:  # supp. Tab. B "w.i. shared"
@@ -364,8 +445,10 @@ class DFDHR(nn.Module):
         else:
             self.split_routers = Routers(config, on=config.multi_scale)
         P = config.embed_dim
-        self.pool = QueryPooling(P, config.pool_heads) if config.multi_scale else None
-        self.head = nn.Linear(2 * P if config.multi_scale else P, config.num_classes)
+        pooled = config.multi_scale and config.fusion != "ensemble" or config.layer_cls
+        pool = SelfAttentionPooling if config.fusion == "self_attention" else QueryPooling
+        self.pool = pool(P, config.pool_heads) if pooled else None
+        self.head = nn.Linear(2 * P if pooled else P, config.num_classes)
 
     def branches(self):
         """The routers that route, each once (the two branches share one set by default)."""
@@ -373,7 +456,7 @@ class DFDHR(nn.Module):
 
     def branch_config(self, routers):
         """The config as a branch runs it (estimate_flops): Token Selection, experts where its routers have them."""
-        return replace(self.config, token_selection=routers.token_judges is not None,
+        return replace(self.config, token_selection=routers.token_rule is not None,
                        expert_routing=routers.experts is not None)
 
     def dense_flops(self):
@@ -386,18 +469,14 @@ class DFDHR(nn.Module):
         roles = {"backbone": [self.backbone], "fusion": [self.pool], "head": [self.head],
                  **{role: [getattr(r, role) for r in self.branches()]
                     for role in ("layer_judges", "token_judges", "experts")}}
-        groups = []
-        for role, modules in roles.items():
-            params = [p for m in modules if m is not None for p in m.parameters() if p.requires_grad]
-            if params:
-                groups.append(dict(name=role, params=params, lr=backbone_lr if role == "backbone" else lr))
-        return groups
+        return param_groups(roles, lr=lr, backbone_lr=backbone_lr)
 
-    def block(self, i, x, experts):
+    def block(self, i, x, experts, sparse=False):
         """Block i with a mixture of adapters after attention and after the MLP, before each residual
-        add (Token-level Expert Routing): (b, n, D) -> (b, n, D), and the gates (b, 2, E) or None."""
+        add (Token-level Expert Routing): (b, n, D) -> (b, n, D), and the gates (b, 2, E) or None.
+        sparse: its attention within groups of patches (Tab. 5 "Sparse Attention")."""
         blk = self.backbone.blocks[i]
-        a = blk.attn(blk.ln_1(x))
+        a = sparse_attention(blk.attn, blk.ln_1(x), self.config.sparse_size) if sparse else blk.attn(blk.ln_1(x))
         if experts is None:
             x = x + a
             return x + blk.mlp(blk.ln_2(x)), None
@@ -406,18 +485,26 @@ class DFDHR(nn.Module):
         m, g_mlp = experts.after_mlp(blk.mlp(blk.ln_2(x)))
         return x + m, torch.stack([g_attn.mean(1), g_mlp.mean(1)], 1).detach()
 
-    def layer(self, i, routers, h):
-        """Layer i on the rows h (b, N, D): Token Selection in a routed layer, experts in every layer."""
-        cfg, experts, judge = self.config, routers.experts_at(i), routers.token_judge(i)
-        if judge is None:
-            return LayerOut(*self.block(i, h, experts), None, None)
-        scores = judge(h)  # (b, N)
-        sel = run_on_selected(h, scores, lambda t: self.block(i, t, experts), keep=cfg.keep_ratio,
-                              cls_eligible=cfg.cls_eligible, post_weight=cfg.post_weight)
+    def layer(self, i, routers, h, query=None, received=None):
+        """Layer i on the rows h (b, N, D): experts in every layer; in a routed layer, the branch's token rule, which
+        may read the global query (b, D) (Tab. 8) or the attention received from CLS in layer K-1 (b, N) (FastV)."""
+        cfg, experts, rule = self.config, routers.experts_at(i), routers.token_rule_at(i)
+        if rule in (None, "pca", "sparse_attention"):
+            out, gates = self.block(i, h, experts, sparse=rule == "sparse_attention")
+            return LayerOut(principal_components(out, cfg.pca_components) if rule == "pca" else out, gates, None, None)
+        run = partial(self.block, i, experts=experts)  # (b, n̂, D) -> ((b, n̂, D), gates)
+        if rule == "fastv":
+            sel = run_on_selected(h, received, run, keep=cfg.keep_ratio, cls_eligible=False, weighted=False)
+            return LayerOut(sel.out, sel.aux, sel.idx, None)
+        scores = routers.token_judge(i)(h)  # (b, N)
+        rank_by = scores if rule == "judge" or query is None else judge_and_cosine(scores, h, query)
+        sel = run_on_selected(h, rank_by, run, keep=cfg.keep_ratio, cls_eligible=cfg.cls_eligible,
+                              post_weight=cfg.post_weight)
         return LayerOut(sel.out, sel.aux, sel.idx, scores)
 
-    def encode(self, x, routers):
-        """One view through the backbone and a branch's routers: (B, 3, v, v) -> Encoded."""
+    def encode(self, x, routers, query=None):
+        """One view through the backbone and a branch's routers: (B, 3, v, v) -> Encoded. query (B, D):
+        the global query, for a token rule that reads it (Tab. 8 "Learn.+Weight")."""
         cfg = self.config
         L, K, routed = cfg.layers, cfg.first_routed_layer, cfg.routed_layers
         h = self.backbone.embed(x)  # (B, N, D)
@@ -426,54 +513,72 @@ class DFDHR(nn.Module):
         exit_layer = torch.full((B,), L, device=h.device)
         gates = h.new_full((B, L, 2, cfg.num_experts), math.nan)
         kept = [torch.full((B, num_kept(cfg.num_tokens, cfg.keep_ratio)), -1, device=h.device)
-                for _ in routed] if cfg.token_selection else []
-        ranked = []
+                for _ in routed] if cfg.token_selection and cfg.token_rule in SELECTING_RULES else []
+        ranked, layer_cls, received = [], [], None
         for i in range(L):
             h_in = h  # (B, N, D) the layer's input, ranked by L_rank
+            if i == K - 1 and routers.token_rule == "fastv":  # FastV ranks by layer K-1's attention
+                blk = self.backbone.blocks[i]
+                received = attention_received(blk.attn, blk.ln_1(h))  # (B, N)
             judge = routers.layer_judge(i)
             if judge is None:
-                out = self.layer(i, routers, h)
+                out = self.layer(i, routers, h, query, received)
                 h = out.h
             else:  # Early Layer Pruning
-                p = gumbel_sigmoid(judge(h[:, 0]), tau=cfg.gumbel_tau, draw=cfg.gumbel_draw, training=self.training)
+                logit = judge(h[:, 0] if cfg.judge_input == "cls" else h.mean(1))  # Tab. 8 "w.i. GAP": all tokens
+                p = soft_gate(logit, tau=cfg.gumbel_tau, training=self.training) if cfg.soft_routers else \
+                    gumbel_sigmoid(logit, tau=cfg.gumbel_tau, draw=cfg.gumbel_draw, training=self.training)
                 active = still_active(active, p if cfg.judge_gradient else p.detach())
                 exit_layer = torch.where((exit_layer == L) & (active.detach() < 0.5), i, exit_layer)
                 if self.training:
-                    out = self.layer(i, routers, h)
+                    out = self.layer(i, routers, h, query, received)
                     h = routed_update(h, out.h, active)
                 else:
-                    out = on_active_rows(lambda rows: self.layer(i, routers, rows), h, active)
+                    out = on_active_rows(lambda *rows: self.layer(i, routers, *rows), h, active, query, received)
                     h = out.h
             ran = (exit_layer == L) | (i >= routed.stop)  # (B,) the rows whose state this layer changed
             if out.gates is not None:
                 gates[:, i] = out.gates.float().masked_fill(~ran[:, None, None], math.nan)
             if out.kept is not None:
                 kept[i - K] = out.kept.masked_fill(~ran[:, None], -1)
-                if self.training:
-                    ranked.append((out.scores, h_in))
+            if out.scores is not None and self.training:
+                ranked.append((out.scores, h_in))
+            if i in routed:
+                layer_cls.append(h[:, 0])
         flops = estimate_flops(self.branch_config(routers), exit_layer)
-        return Encoded(h[:, 0], exit_layer, kept, gates, ranked, flops)
+        return Encoded(h[:, 0], exit_layer, kept, gates, ranked, flops, layer_cls)
 
     def forward(self, x):  # (B, 3, S, S) CLIP-normalised face crops, S = image_size
         cfg = self.config
         if x.shape[-2:] != (cfg.image_size, cfg.image_size):
             raise ValueError(f"expected {cfg.image_size}x{cfg.image_size} input, got {tuple(x.shape[-2:])}")
         orig = self.encode(original_image(x, cfg.view_size), self.original_routers)
-        features = [self.backbone.project(orig.cls)]  # (B, P)
+        original, others = self.backbone.project(orig.cls), None  # (B, P)
         if cfg.multi_scale:
-            split = self.encode(split_images(x), self.split_routers)  # (4B, ...)
             query = orig.cls.detach().repeat_interleave(4, 0)  # (4B, D) the global query, one per split image
+            split = self.encode(split_images(x), self.split_routers, query)  # (4B, ...)
             rank = rank_loss(split.ranked, query, cfg)
-            features.append(self.pool(self.backbone.project(split.cls).view(len(x), 4, -1)))  # (B, P)
+            others = self.backbone.project(split.cls).view(len(x), 4, -1)  # (B, 4, P)
         else:  # one view: its own final CLS is the query
             split, rank = None, rank_loss(orig.ranked, orig.cls.detach(), cfg)
-        logits = self.head(torch.cat(features, -1))  # (B, 2)
+            if cfg.layer_cls:  # Tab. 6 "Multi CLS Pooling": the view's CLS after each routed layer
+                others = self.backbone.project(torch.stack(orig.layer_cls, 1))  # (B, L-K, P)
+        logits = self.fuse(original, others)  # (B, 2)
         views = (orig, split) if split is not None else (orig,)
         return DFDHROutput(logits=logits, rank_loss=rank,
                            exit_layer=by_view(*(v.exit_layer for v in views)),
                            kept=[by_view(*ks) for ks in zip(*(v.kept for v in views))],
                            gates=by_view(*(v.gates for v in views)),
                            flops=by_view(*(v.flops for v in views)).sum(1).float())
+
+    def fuse(self, original, others=None):
+        """Logits (B, 2) from the original image's feature (B, P) concatenated with others (B, S, P) pooled (the split
+        images' or, Tab. 6, the layers' CLS); Tab. 6 "Split Ensemble": each view scored, the two scales averaged."""
+        if others is None:
+            return self.head(original)
+        if self.config.fusion == "ensemble":
+            return (self.head(original) + self.head(others).mean(1)) / 2
+        return self.head(torch.cat([original, self.pool(others)], -1))
 
     @torch.no_grad()
     def predict(self, x):

@@ -9,6 +9,9 @@
     differentiable soft rank.
   - Token-level Expert Routing: a dense mixture of four bottleneck adapters with a per-token
     softmax gate, noisy in training (Eq. 13).
+  - What the paper compares them with (supp. Sec. B): the soft gate of Tab. 8 "w.o. Gumbel", the
+    score of Tab. 8 "Learn.+Weight", and Tab. 5's PCA (LongCLIP), FastV's ranking and SparseViT's
+    sparse attention in place of Token Selection.
 
 The model (dfdhr.py) places these pieces in the ViT; this module depends on torch only.
 
@@ -56,6 +59,12 @@ class LayerJudge(nn.Module):
 
     def forward(self, cls):  # (B, D) -> (B,) logits
         return self.fc2(F.relu(self.fc1(cls))).squeeze(-1)
+
+
+def judges(make, n, *, shared):
+    """n judges for the routed layers, each made by `make()`: one shared by all (supp. Tab. C(c), Tab. 8
+    "w.i. Shared"), or one each."""
+    return nn.ModuleList([make()] * n if shared else [make() for _ in range(n)])
 
 
 def still_active(active, p):
@@ -121,17 +130,20 @@ class Selected(NamedTuple):
     aux: object        # what the block returned besides its tokens (the expert gates)
 
 
-def run_on_selected(x, scores, block, *, keep, cls_eligible=True, post_weight=True):
+def run_on_selected(x, scores, block, *, keep, cls_eligible=True, post_weight=True, weighted=True):
     """Token Selection: run `block` on the top ⌊keep·N⌋ tokens of each row only.
 
     block: a callable (B, n̂, D) -> ((B, n̂, D), aux), e.g. a whole residual block and its expert
     gates. The kept tokens are weighted by w = 1 + softmax over their n̂ scores, after the block
-    (post_weight=True, supp. Tab. C(b)) or before it. Unkept tokens pass through unchanged.
+    (post_weight=True, supp. Tab. C(b)) or before it; weighted=False: not at all (FastV, Tab. 5).
+    Unkept tokens pass through unchanged.
     """
     idx = select_tokens(scores, num_kept(x.shape[1], keep), cls_eligible=cls_eligible)  # (B, n̂)
     x_kept = gather_tokens(x, idx)  # (B, n̂, D)
     w = 1 + scores.gather(1, idx).softmax(dim=-1)[..., None]  # (B, n̂, 1)
-    if post_weight:
+    if not weighted:
+        y, aux = block(x_kept)
+    elif post_weight:
         y, aux = block(x_kept)
         y = y * w
     else:
@@ -141,6 +153,11 @@ def run_on_selected(x, scores, block, *, keep, cls_eligible=True, post_weight=Tr
 
 # ----------------------------------------------------------------------------- rank loss
 
+def standardised(x):
+    """(x − mean) / (std + 1e-6) over the last axis (..., N): scores on a common scale."""
+    return (x - x.mean(-1, keepdim=True)) / (x.std(-1, keepdim=True) + 1e-6)
+
+
 def soft_rank(x, *, temperature):
     """Differentiable ranks (..., N) -> (..., N), 1 for the smallest, as scipy's rankdata.
 
@@ -149,7 +166,7 @@ def soft_rank(x, *, temperature):
     so as t → 0 the ranks tend to 1..N, and a tied pair counts 0.5 each way (scipy's 'average').
     O(N²) per row: 66k pairs at N = 257.
     """
-    z = (x - x.mean(-1, keepdim=True)) / (x.std(-1, keepdim=True) + 1e-6)  # (..., N)
+    z = standardised(x)  # (..., N)
     pairs = torch.sigmoid((z[..., :, None] - z[..., None, :]) / temperature)  # (..., N, N)
     return 0.5 + pairs.sum(-1)
 
@@ -218,3 +235,74 @@ class MixtureOfAdapters(nn.Module):
         h = (h * gates[..., None]).flatten(-2)  # (..., E·r)
         out = x + h @ self.down_weight.flatten(0, 1) + gates @ self.down_bias  # (..., D)
         return MoAOutput(out, gates)
+
+
+# ----------------------------------------------------------------------------- what the paper compares them with
+
+# The alternatives of supp. Sec. B, each as its own paper defines it (dfdhr.py switches them on):
+# Tab. 8 "w.o. Gumbel" for the layer gate, Tab. 8 "Learn.+Weight" for the token score, and Tab. 5's
+# three replacements of Token Selection in the routed layers: "PCA", "FastV", "Sparse Attention".
+
+def soft_gate(logits, *, tau=1.0, training=True):
+    """Tab. 8 "w.o. Gumbel": in training the soft gate p = σ(logit/τ), no noise and no rounding, so
+    the update p·Layer(H) + (1 − p)·H mixes the two; at inference the hard rule 1[σ(logit) > 0.5]."""
+    return torch.sigmoid(logits / tau) if training else gumbel_sigmoid(logits, training=False)
+
+
+def judge_and_cosine(scores, tokens, query):
+    """Tab. 8 "Learn.+Weight": the average of the token judge's scores and the tokens' cosine
+    similarity to the global query, each standardised over the tokens first (a judge's scores are
+    unbounded, a cosine lies in [−1, 1]). scores (B, N), tokens (B, N, D), query (B, D) -> (B, N)."""
+    return (standardised(scores) + standardised(F.cosine_similarity(tokens, query[:, None], dim=-1))) / 2
+
+
+def principal_components(x, k):
+    """Tab. 5 "PCA" as LongCLIP applies it (Zhang et al., ECCV 2024, its `PCA`): centre, keep the top k
+    principal components, project back and add the mean. LongCLIP's samples are a batch of image
+    features; here they are each image's N tokens, so an image's output does not depend on its batch:
+    (B, N, D) -> (B, N, D). The principal directions come from an SVD without gradient (the SVD's
+    gradient is unstable where singular values repeat); the projection passes it to every token.
+    Cost: 2·N·D·k multiply-adds, and the SVD."""
+    mean = x.mean(1, keepdim=True)  # (B, 1, D)
+    centred = x - mean
+    with torch.no_grad():
+        at_least_fp32 = centred.to(torch.promote_types(centred.dtype, torch.float32))  # the SVD has no bf16 kernel
+        V = torch.linalg.svd(at_least_fp32, full_matrices=False).Vh[:, :k].to(x.dtype)  # (B, k, D)
+    return centred @ V.transpose(1, 2) @ V + mean  # (B, N, k) -> (B, N, D)
+
+
+def attention_received(attn, x):
+    """FastV's ranking (Chen et al., ECCV 2024): the attention each token receives in a layer, averaged
+    over heads, in the row of the token that reads the sequence out (an LLM's last token; a ViT's
+    CLS). attn: a vit.Attention; x (B, N, D) its input (after ln_1) -> (B, N). Only CLS's query and the
+    keys are computed (q, k, v are the rows of OpenAI's fused projection): D² + N·D² + N·D multiply-adds."""
+    D, heads = x.shape[-1], attn.heads
+    W, b = attn.in_proj_weight, attn.in_proj_bias
+    q = F.linear(x[:, :1], W[:D], b[:D]).unflatten(-1, (heads, -1)).transpose(1, 2)  # (B, H, 1, D/H)
+    k = F.linear(x, W[D:2 * D], b[D:2 * D]).unflatten(-1, (heads, -1)).transpose(1, 2)  # (B, H, N, D/H)
+    a = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (B, H, 1, N)
+    return a.softmax(-1, dtype=torch.float32)[:, :, 0].mean(1)
+
+
+def sparse_attention(attn, x, sparse_size):
+    """Tab. 5 "Sparse Attention", SparseViT's (Su et al., AAAI 2025, its `alter_sparse`): the grid × grid
+    patches fall into (grid/s)² groups of s × s patches taken at a stride of grid/s (s = sparse_size),
+    patch (r, c) in group (r mod stride, c mod stride), and attend within their group only. SparseViT
+    has no CLS; here each patch also attends to CLS, and CLS, which the head reads, to every token.
+    attn: a vit.Attention; x (B, N, D) its input (after ln_1) -> (B, N, D)."""
+    q, k, v = attn.split_heads(x)  # 3 x (B, H, N, d)
+    B, H, N, d = q.shape
+    s = sparse_size
+    stride = math.isqrt(N - 1) // s
+
+    def grouped(t):  # patches (B, H, N-1, d), row r = a·stride + b -> (B, H, G, s², d), G = stride² groups (b_r, b_c)
+        t = t[:, :, 1:].reshape(B, H, s, stride, s, stride, d)  # (B, H, a_r, b_r, a_c, b_c, d)
+        return t.permute(0, 1, 3, 5, 2, 4, 6).reshape(B, H, -1, s * s, d)
+
+    def with_cls(t):  # (B, H, N, d) -> (B, H, G, 1 + s², d): CLS first in every group
+        return torch.cat([t[:, :, None, :1].expand(-1, -1, stride * stride, -1, -1), grouped(t)], 3)
+
+    patches = F.scaled_dot_product_attention(grouped(q), with_cls(k), with_cls(v))  # (B, H, G, s², d)
+    patches = patches.reshape(B, H, stride, stride, s, s, d).permute(0, 1, 4, 2, 5, 3, 6).reshape(B, H, N - 1, d)
+    cls = F.scaled_dot_product_attention(q[:, :, :1], k, v)  # (B, H, 1, d)
+    return attn.merge_heads(torch.cat([cls, patches], 2))

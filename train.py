@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import baselines
 import cli
 import data
 import figures
@@ -45,7 +46,9 @@ class Settings:
     preset: str = "small"          # model preset of dfdhr.PRESETS: "small" (CPU) or "paper" (CLIP ViT-L/14, 448 input)
     ablation: str = "full"         # a row of the paper's ablations, dfdhr.ABLATIONS
     method: str = "dfdhr"          # "dfdhr", or a fine-tuning method of supp. Tab. A on the baseline (finetune.METHODS)
+                                   # or a method of supp. Tab. 6 that replaces the model (baselines.METHODS)
     init_from: str = SMALL_BACKBONE  # a CLIP checkpoint (vit.load_clip), "resume" (out_dir/last.pt) or "scratch"
+    init_convnext: str = ""        # --method=mra: its ConvNeXt's checkpoint (baselines/convnext.py); "": a new one
     out_dir: str = "out"
     # Data: "synthetic" (the synthetic/ benchmark), a folder ROOT/{real,fake}/..., or a DeepfakeBench JSON file.
     train_data: str = "synthetic"
@@ -112,7 +115,8 @@ def settings(given, model_given):
 
 def check(cfg):
     """Refuse an impossible setting before any work starts."""
-    choices = dict(ablation=ABLATIONS, method=("dfdhr", *finetune.METHODS), augment=("auto", "true", "false"),
+    choices = dict(ablation=ABLATIONS, method=("dfdhr", *finetune.METHODS, *baselines.METHODS),
+                   augment=("auto", "true", "false"),
                    dtype=("auto", "bf16", "fp32"), device=("auto", "cpu", "cuda"), select=("val", "test"),
                    frame_sampling=("even", "first"), synthetic_protocol=synthetic.PROTOCOLS,
                    lr_schedule=("cosine", "constant"))
@@ -124,6 +128,8 @@ def check(cfg):
             raise SystemExit(f"--{key}={getattr(cfg, key)} must be at least 1")
     if not 0 < cfg.val_fraction < 1:
         raise SystemExit(f"--val_fraction={cfg.val_fraction} must be in (0, 1)")
+    if cfg.init_convnext and cfg.method != "mra":
+        raise SystemExit("--init_convnext is MRA's ConvNeXt: it needs --method=mra")
 
 
 def model_config(cfg, overrides):
@@ -189,9 +195,9 @@ def backbone(cfg, heads):
 
 def optimizer(model, cfg):
     """Adam with one group per role. The backbone, where it trains, takes backbone_lr under full
-    fine-tuning of a pretrained backbone (the paper's baseline), lr when trained from scratch; the
-    methods of supp. Tab. A train everything at lr (supp. Sec. B)."""
-    gentle = cfg.init_from != "scratch" and cfg.method in ("dfdhr", "baseline")
+    fine-tuning of a pretrained backbone (the paper's baseline, and Tab. 6's methods), lr when trained from
+    scratch; the methods of supp. Tab. A train everything at lr (supp. Sec. B)."""
+    gentle = cfg.init_from != "scratch" and cfg.method in ("dfdhr", "baseline", *baselines.METHODS)
     groups = model.param_groups(lr=cfg.lr, backbone_lr=cfg.backbone_lr if gentle else cfg.lr)
     for group in groups:
         group["initial_lr"] = group["lr"]  # what the schedule scales
@@ -466,7 +472,11 @@ def main(argv):
 
     # Model: a new run's starts from its CLIP backbone, which sets the backbone's sizes.
     torch.manual_seed(cfg.seed)
-    model = finetune.build_model(cfg.method, config, None if ckpt else backbone(cfg, model_given.get("heads")))
+    try:
+        model = finetune.build_model(cfg.method, config, None if ckpt else backbone(cfg, model_given.get("heads")),
+                                     convnext=None if ckpt else cfg.init_convnext)
+    except CheckpointError as e:  # --init_convnext's
+        raise SystemExit(f"--init_convnext: {e}") from None
     model.to(proc.device)
 
     # Data.

@@ -68,15 +68,22 @@ class Attention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, x):  # (B, N, D)
+    def split_heads(self, x):  # (B, N, D) -> q, k, v, each (B, H, N, D/H)
         B, N, D = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, N, 3D)
-        q, k, v = qkv.view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, N, D/H)
+        return qkv.view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+
+    def merge_heads(self, y):  # (B, H, N, D/H) -> (B, N, D), through the output projection
+        B, H, N, d = y.shape
+        return self.out_proj(y.transpose(1, 2).reshape(B, N, H * d))
+
+    def forward(self, x):  # (B, N, D)
+        q, k, v = self.split_heads(x)  # 3 x (B, H, N, D/H)
         if q.device.type == "cpu" and q.dtype == torch.bfloat16:
             y = explicit_attention(q, k, v)  # (B, H, N, D/H)
         else:
             y = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, D/H)
-        return self.out_proj(y.transpose(1, 2).reshape(B, N, D))  # (B, N, D)
+        return self.merge_heads(y)  # (B, N, D)
 
 
 class Block(nn.Module):
@@ -150,11 +157,14 @@ class VisionTransformer(nn.Module):
             states.append(block(states[-1]))
         return states
 
-    def forward(self, x):  # (B, 3, S, S) -> (B, P), OpenAI's `encode_image`
+    def tokens(self, x):  # (B, 3, S, S) -> (B, N, D), the last block's output
         x = self.embed(x)
         for block in self.blocks:
             x = block(x)
-        return self.project(x[:, 0])
+        return x
+
+    def forward(self, x):  # (B, 3, S, S) -> (B, P), OpenAI's `encode_image`
+        return self.project(self.tokens(x)[:, 0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,7 +199,7 @@ HF_QKV = "vision_model.encoder.layers.{i}.self_attn.{qkv}_proj.{param}"  # fused
 HF_IGNORED = ("text_model.", "text_projection.", "logit_scale", "vision_model.embeddings.position_ids")
 
 
-def _read_file(path):
+def read_tensors(path):
     """Tensors of a checkpoint file, whatever its container: TorchScript, torch.save, safetensors."""
     try:
         if path.suffix == ".safetensors":
@@ -215,7 +225,7 @@ def _read_safetensors(path):  # Hugging Face's files; the package is needed for 
     return load_file(str(path))
 
 
-def _find_weights(path):
+def find_weights(path):
     """A Hugging Face model folder holds its weights in one of two files."""
     if not path.is_dir():
         return path
@@ -276,7 +286,7 @@ def load_clip(source, *, heads=None):
     """
     is_file, stored, why = isinstance(source, (str, Path)), None, ""
     if is_file:
-        path = _find_weights(Path(source))
+        path = find_weights(Path(source))
         name, config, sidecar = str(path), path.parent / "config.json", path.with_suffix(".json")
         if not path.exists():
             raise CheckpointError(f"{name}: no such file")
@@ -285,7 +295,7 @@ def load_clip(source, *, heads=None):
             stored, why = cfg.get("vision_config", cfg).get("num_attention_heads"), f"{config} says so"
         elif sidecar.exists():  # this project's record beside its own weights (synthetic/pretrain.py)
             stored, why = json.loads(sidecar.read_text()).get("heads"), f"{sidecar} says so"
-        sd = _read_file(path)
+        sd = read_tensors(path)
     else:
         name, sd = "<state dict>", source
     sd = _to_openai_layout(sd, name)

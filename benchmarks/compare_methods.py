@@ -1,10 +1,11 @@
-"""The project's own supp. Tab. A and main ablation: fine-tuning methods of finetune.py, DFD-HR and rows
-of dfdhr.ABLATIONS, each trained by train.py with the same budget on the same data, over one or more
-seeds, in one table.
+"""The project's own supp. Tab. A, main ablation and Tab. 5, 6, 8: fine-tuning methods of finetune.py, DFD-HR,
+rows of dfdhr.ABLATIONS and the methods of baselines/, each trained by train.py with the same budget on the
+same data, over one or more seeds, in one table.
 
     python -m benchmarks.compare_methods                        # every method, a train.py run each, synthetic benchmark
     python -m benchmarks.compare_methods --methods=lora,dora,dfdhr --max_iters=300 --synthetic_train_videos=480
     python -m benchmarks.compare_methods --ablations=main       # the main ablation: baseline, each router added, full
+    python -m benchmarks.compare_methods --ablations=tab6       # a table of supp. Sec. B: tab5, tab6 or tab8 (TABLES)
     python -m benchmarks.compare_methods --ablations=full --seeds=1024,1,2 --dtype=fp32   # the default run, 3 seeds
     python -m benchmarks.compare_methods --params_only          # trainable parameters at the paper's size
 
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+import baselines
 import cli
 import finetune
 import train
@@ -34,7 +36,8 @@ from evaluation import interval
 @dataclass(frozen=True)
 class Options:
     methods: str = ",".join((*finetune.METHODS, "dfdhr"))  # comma-separated
-    ablations: str = ""         # instead of methods: rows of dfdhr.ABLATIONS, comma-separated, or "main"
+    ablations: str = ""         # instead of methods: rows of dfdhr.ABLATIONS (or baselines.METHODS), comma-separated,
+                                # or a table of TABLES: "main", "tab5", "tab6", "tab8"
     out_dir: str = "out/compare"
     seeds: str = "1024"         # comma-separated training seeds (train.py's --seed); one run per row and seed
     routers: bool = False       # also what the routers did: early exits, multiply-adds saved, forged patches kept
@@ -45,6 +48,15 @@ class Options:
 # The paper's main ablation: routers added one at a time to the baseline, and the
 # Multi-Scale Fusion without and with them.
 MAIN_ABLATION = ("baseline", "+layer_pruning", "+token_selection", "+expert_routing", "fusion_only", "full")
+# The tables of supp. Sec. B, each with the rows of ours they are compared with first: Tab. 5 under Early Layer
+# Pruning (without token selection, then ours), Tab. 6 in the baseline regime (the baseline, then our
+# Multi-Scale Fusion), Tab. 8 against the full model. A name of baselines.METHODS is a --method= run.
+TABLES = {
+    "main": MAIN_ABLATION,
+    "tab5": ("+layer_pruning", "+token_selection", "pca", "fastv", "sparse_attention"),
+    "tab6": ("baseline", "fusion_only", "split_ensemble", "multi_cls_pooling", *baselines.METHODS),
+    "tab8": ("full", "sa_pooling", "soft_routers", "shared_layer_judges", "gap_judges", "learn_weight"),
+}
 
 
 def trainable(config, method):
@@ -76,15 +88,15 @@ def main(argv):
     if {"method", "ablation", "seed"} & given.keys():
         raise SystemExit("--method, --ablation and --seed are set by this script for each run (--seeds)")
     if opts.ablations:
-        names = list(MAIN_ABLATION) if opts.ablations == "main" else opts.ablations.split(",")
-        unknown = [a for a in names if a not in ABLATIONS]
-        kind = "ablation"
+        names = list(TABLES.get(opts.ablations, opts.ablations.split(",")))
+        kinds = {n: "ablation" if n in ABLATIONS else "method" for n in names}
+        unknown = [n for n in names if n not in ABLATIONS and n not in baselines.METHODS]
     else:
         names = [m for m in opts.methods.split(",") if m]
-        unknown = [m for m in names if m != "dfdhr" and m not in finetune.METHODS]
-        kind = "method"
+        kinds = {n: "method" for n in names}
+        unknown = [m for m in names if m != "dfdhr" and m not in finetune.METHODS and m not in baselines.METHODS]
     if unknown:
-        raise SystemExit(f"unknown {kind}s {unknown}")
+        raise SystemExit(f"unknown {'rows' if opts.ablations else 'methods'} {unknown}")
     if opts.params_only:
         table = params_table(names)
         print(table)
@@ -93,7 +105,7 @@ def main(argv):
     root, seeds = Path(opts.out_dir), [int(x) for x in opts.seeds.split(",")]
     rows, test_sets = [], []
     for name in names:
-        runs = []
+        runs, kind = [], kinds[name]
         for seed in seeds:
             run = root / name / (f"seed{seed}" if len(seeds) > 1 else "")
             print(f"\n=== {name}, seed {seed} -> {run}", flush=True)
@@ -108,14 +120,14 @@ def main(argv):
         params = trainable(DFDHRConfig(**config), "dfdhr" if kind == "ablation" else name) if config else None
         if config is None:
             backbone = None
-        elif kind == "method" and name != "baseline":
+        elif kind == "method" and name not in ("baseline", *baselines.METHODS):
             backbone = "PEFT"  # the method decides what of the backbone trains (finetune.py)
         else:
             backbone = "frozen" if config["freeze_backbone"] else "fine-tuned"
         for r in runs:
             test_sets += [t for t in r["metrics"] if t not in test_sets]
         rows.append(dict(name=name, backbone=backbone, params=params, seeds=seeds[:len(runs)], runs=runs))
-    table = comparison(rows, test_sets, kind, opts, passed)
+    table = comparison(rows, test_sets, opts, passed)
     root.mkdir(parents=True, exist_ok=True)
     (root / "comparison.md").write_text(table + "\n")
     (root / "comparison.json").write_text(json.dumps(rows, indent=1))
@@ -179,11 +191,11 @@ def router_cells(runs, test_sets):
     return [fmt(real, ".0%"), fmt(fake, ".0%"), fmt(saved, ".1%"), fmt(tokens, ".2f")]
 
 
-def comparison(rows, test_sets, kind, opts, passed):
+def comparison(rows, test_sets, opts, passed):
     """The Markdown table of every row."""
     router_header = ["exited early: real", "fake", "GMAC saved", "forged/other kept (min)"] if opts.routers else []
-    header = [kind, "backbone", "trainable params", *[f"{t} video AUC" for t in test_sets], *router_header,
-              "GMAC / image", "seconds"]
+    header = ["row" if opts.ablations else "method", "backbone", "trainable params",
+              *[f"{t} video AUC" for t in test_sets], *router_header, "GMAC / image", "seconds"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         runs = row["runs"]
@@ -199,7 +211,8 @@ def comparison(rows, test_sets, kind, opts, passed):
     return (f"Same budget for every run: `{settings}`; {spread}; seconds per run.\n\n" + "\n".join(lines) + "\n\n"
             "GMAC (multiply-adds, the paper's FLOPs): train.py's estimate (dfdhr.estimate_flops) at the exits taken; "
             "for the methods of finetune.py it is\nthe plain ViT's, without the adapters' or prompts' own cost "
-            "(VPT-deep runs N + 5 tokens).")
+            "(VPT-deep runs N + 5 tokens); for RINE, D³ and MRA\n(baselines/) the ViT's by the formula on each view, "
+            "and MRA's ConvNeXt and adapters.")
 
 
 if __name__ == "__main__":

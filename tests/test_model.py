@@ -45,16 +45,27 @@ def test_kept_tokens_and_gates_are_reported(small, inputs):
     assert torch.isnan(g[:, :, 6:]).all()
 
 
+def judged(cfg):
+    """Token judges score the tokens: Token Selection and Tab. 8 "Learn.+Weight", not Tab. 5's alternatives."""
+    return cfg.token_selection and cfg.token_rule in ("judge", "judge+cosine")
+
+
+def pooled(cfg):
+    """A pooling module: the split images' CLS (but Tab. 6 "Split Ensemble"), or Tab. 6's layers' CLS."""
+    return cfg.multi_scale and cfg.fusion != "ensemble" or cfg.layer_cls
+
+
 def expected_trainable(cfg):
     """Trainable parameters counted from the paper's description, module by module."""
     D, P, L, routed = cfg.width, cfg.embed_dim, cfg.layers, len(cfg.routed_layers)
     E, r, h = cfg.num_experts, cfg.adapter_rank, cfg.judge_hidden
-    per_branch = (routed * (D * h + h) if cfg.layer_pruning else 0) \
-        + ((1 if cfg.share_token_judges else routed) * D if cfg.token_selection else 0) \
+    per_branch = ((1 if cfg.share_layer_judges else routed) * (D * h + h) if cfg.layer_pruning else 0) \
+        + ((1 if cfg.share_token_judges else routed) * D if judged(cfg) else 0) \
         + (L * 2 * ((D * E + E) + (D * E * r + E * r) + (E * r * D + E * D)) if cfg.expert_routing else 0)
     branches = 2 if not cfg.share_routers and cfg.route_original and cfg.multi_scale else 1
-    fusion = (P + 4 * P * P + 4 * P) if cfg.multi_scale else 0  # query, in/out projections
-    head = (2 * P if cfg.multi_scale else P) * 2 + 2
+    query = P if cfg.fusion != "self_attention" else 0  # SA pooling (Tab. 8) has no learned query
+    fusion = (query + 4 * P * P + 4 * P) if pooled(cfg) else 0  # query, in/out projections
+    head = (2 * P if pooled(cfg) else P) * 2 + 2
     backbone = 0 if cfg.freeze_backbone else sum(p.numel() for p in DFDHR(cfg).backbone.parameters())
     return branches * per_branch + fusion + head + backbone
 
@@ -64,17 +75,19 @@ def test_each_ablation_builds_what_it_says(ablation, inputs):
     cfg = make_config("small", ablation)
     model = DFDHR(cfg)
     assert count_trainable(model) == expected_trainable(cfg)
-    assert (model.pool is not None) == cfg.multi_scale
+    assert (model.pool is not None) == pooled(cfg)
     if cfg.routing:
         routers = model.branches()[0]
         assert (routers.layer_judges is not None) == cfg.layer_pruning
         assert (routers.experts is not None) == cfg.expert_routing
-        if cfg.token_selection:
+        if cfg.layer_pruning:
+            assert len({id(j) for j in routers.layer_judges}) == (1 if cfg.share_layer_judges else len(cfg.routed_layers))
+        if judged(cfg):
             assert len({id(j) for j in routers.token_judges}) == (1 if cfg.share_token_judges else len(cfg.routed_layers))
     model.train()
     out = model(inputs(cfg))  # smoke: every variant runs a training step's forward
     assert out.logits.shape == (2, 2) and out.exit_layer.shape == (2, 5 if cfg.multi_scale else 1)
-    assert (out.rank_loss > 0) == cfg.token_selection  # one view ranks against its own final CLS
+    assert (out.rank_loss > 0) == judged(cfg)  # one view ranks against its own final CLS
 
 
 def test_ablation_details(small, inputs):

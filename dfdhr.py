@@ -193,7 +193,7 @@ ABLATIONS.update({
     "pca": {**ABLATIONS["+token_selection"], "token_rule": "pca"},                        # "PCA" (LongCLIP)
     "fastv": {**ABLATIONS["+token_selection"], "token_rule": "fastv"},                    # "FastV"
     "sparse_attention": {**ABLATIONS["+token_selection"], "token_rule": "sparse_attention"},  # "Sparse Attention"
-    # Tab. 6: the baseline regime (fine-tuned at backbone_lr, no routers); RINE, D³ and MRA are in baselines/
+    # Tab. 6: the baseline regime (fine-tuned at backbone_lr, no routers); RINE, D³ and MRA are in compared/
     "split_ensemble": {**ABLATIONS["fusion_only"], "fusion": "ensemble"},                 # "Split Ensemble"
     "multi_cls_pooling": {**ABLATIONS["baseline"], "layer_cls": True},                    # "Multi CLS Pooling"
     # Tab. 8: the full model with one design changed

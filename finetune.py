@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-import baselines
+import compared
 from dfdhr import DFDHR
 
 METHODS = ("baseline", "linear_probe", "mlp3", "partial4", "ln_tuning", "bias_tuning", "vpt_deep", "adapter",
@@ -318,9 +318,9 @@ def count_trainable(model):
 
 def build_model(method, config, backbone=None, convnext=None):
     """DFD-HR of `config` (method "dfdhr"), or `method` of supp. Tab. A applied to it, or a method of
-    supp. Tab. 6 that replaces the model (baselines.METHODS; MRA's ConvNeXt from the checkpoint
+    supp. Tab. 6 that replaces the model (compared.METHODS; MRA's ConvNeXt from the checkpoint
     `convnext`): the one place a model to train is built (train.py, predict.py, the benchmarks)."""
-    if method in baselines.METHODS:
-        return baselines.build_model(method, config, backbone, convnext)
+    if method in compared.METHODS:
+        return compared.build_model(method, config, backbone, convnext)
     model = DFDHR(config, backbone)
     return model if method == "dfdhr" else apply(model, method)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-import baselines
+import compared
 import cli
 import data
 import figures
@@ -46,9 +46,9 @@ class Settings:
     preset: str = "small"          # model preset of dfdhr.PRESETS: "small" (CPU) or "paper" (CLIP ViT-L/14, 448 input)
     ablation: str = "full"         # a row of the paper's ablations, dfdhr.ABLATIONS
     method: str = "dfdhr"          # "dfdhr", or a fine-tuning method of supp. Tab. A on the baseline (finetune.METHODS)
-                                   # or a method of supp. Tab. 6 that replaces the model (baselines.METHODS)
+                                   # or a method of supp. Tab. 6 that replaces the model (compared.METHODS)
     init_from: str = SMALL_BACKBONE  # a CLIP checkpoint (vit.load_clip), "resume" (out_dir/last.pt) or "scratch"
-    init_convnext: str = ""        # --method=mra: its ConvNeXt's checkpoint (baselines/convnext.py); "": a new one
+    init_convnext: str = ""        # --method=mra: its ConvNeXt's checkpoint (compared/convnext.py); "": a new one
     out_dir: str = "out"
     # Data: "synthetic" (the synthetic/ benchmark), a folder ROOT/{real,fake}/..., or a DeepfakeBench JSON file.
     train_data: str = "synthetic"
@@ -115,7 +115,7 @@ def settings(given, model_given):
 
 def check(cfg):
     """Refuse an impossible setting before any work starts."""
-    choices = dict(ablation=ABLATIONS, method=("dfdhr", *finetune.METHODS, *baselines.METHODS),
+    choices = dict(ablation=ABLATIONS, method=("dfdhr", *finetune.METHODS, *compared.METHODS),
                    augment=("auto", "true", "false"),
                    dtype=("auto", "bf16", "fp32"), device=("auto", "cpu", "cuda"), select=("val", "test"),
                    frame_sampling=("even", "first"), synthetic_protocol=synthetic.PROTOCOLS,
@@ -197,7 +197,7 @@ def optimizer(model, cfg):
     """Adam with one group per role. The backbone, where it trains, takes backbone_lr under full
     fine-tuning of a pretrained backbone (the paper's baseline, and Tab. 6's methods), lr when trained from
     scratch; the methods of supp. Tab. A train everything at lr (supp. Sec. B)."""
-    gentle = cfg.init_from != "scratch" and cfg.method in ("dfdhr", "baseline", *baselines.METHODS)
+    gentle = cfg.init_from != "scratch" and cfg.method in ("dfdhr", "baseline", *compared.METHODS)
     groups = model.param_groups(lr=cfg.lr, backbone_lr=cfg.backbone_lr if gentle else cfg.lr)
     for group in groups:
         group["initial_lr"] = group["lr"]  # what the schedule scales

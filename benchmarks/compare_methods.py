@@ -1,5 +1,5 @@
 """The project's own supp. Tab. A, main ablation and Tab. 5, 6, 8: fine-tuning methods of finetune.py, DFD-HR,
-rows of dfdhr.ABLATIONS and the methods of baselines/, each trained by train.py with the same budget on the
+rows of dfdhr.ABLATIONS and the methods of compared/, each trained by train.py with the same budget on the
 same data, over one or more seeds, in one table.
 
     python -m benchmarks.compare_methods                        # every method, a train.py run each, synthetic benchmark
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-import baselines
+import compared
 import cli
 import finetune
 import train
@@ -36,7 +36,7 @@ from evaluation import interval
 @dataclass(frozen=True)
 class Options:
     methods: str = ",".join((*finetune.METHODS, "dfdhr"))  # comma-separated
-    ablations: str = ""         # instead of methods: rows of dfdhr.ABLATIONS (or baselines.METHODS), comma-separated,
+    ablations: str = ""         # instead of methods: rows of dfdhr.ABLATIONS (or compared.METHODS), comma-separated,
                                 # or a table of TABLES: "main", "tab5", "tab6", "tab8"
     out_dir: str = "out/compare"
     seeds: str = "1024"         # comma-separated training seeds (train.py's --seed); one run per row and seed
@@ -50,11 +50,11 @@ class Options:
 MAIN_ABLATION = ("baseline", "+layer_pruning", "+token_selection", "+expert_routing", "fusion_only", "full")
 # The tables of supp. Sec. B, each with the rows of ours they are compared with first: Tab. 5 under Early Layer
 # Pruning (without token selection, then ours), Tab. 6 in the baseline regime (the baseline, then our
-# Multi-Scale Fusion), Tab. 8 against the full model. A name of baselines.METHODS is a --method= run.
+# Multi-Scale Fusion), Tab. 8 against the full model. A name of compared.METHODS is a --method= run.
 TABLES = {
     "main": MAIN_ABLATION,
     "tab5": ("+layer_pruning", "+token_selection", "pca", "fastv", "sparse_attention"),
-    "tab6": ("baseline", "fusion_only", "split_ensemble", "multi_cls_pooling", *baselines.METHODS),
+    "tab6": ("baseline", "fusion_only", "split_ensemble", "multi_cls_pooling", *compared.METHODS),
     "tab8": ("full", "sa_pooling", "soft_routers", "shared_layer_judges", "gap_judges", "learn_weight"),
 }
 
@@ -90,11 +90,11 @@ def main(argv):
     if opts.ablations:
         names = list(TABLES.get(opts.ablations, opts.ablations.split(",")))
         kinds = {n: "ablation" if n in ABLATIONS else "method" for n in names}
-        unknown = [n for n in names if n not in ABLATIONS and n not in baselines.METHODS]
+        unknown = [n for n in names if n not in ABLATIONS and n not in compared.METHODS]
     else:
         names = [m for m in opts.methods.split(",") if m]
         kinds = {n: "method" for n in names}
-        unknown = [m for m in names if m != "dfdhr" and m not in finetune.METHODS and m not in baselines.METHODS]
+        unknown = [m for m in names if m != "dfdhr" and m not in finetune.METHODS and m not in compared.METHODS]
     if unknown:
         raise SystemExit(f"unknown {'rows' if opts.ablations else 'methods'} {unknown}")
     if opts.params_only:
@@ -120,7 +120,7 @@ def main(argv):
         params = trainable(DFDHRConfig(**config), "dfdhr" if kind == "ablation" else name) if config else None
         if config is None:
             backbone = None
-        elif kind == "method" and name not in ("baseline", *baselines.METHODS):
+        elif kind == "method" and name not in ("baseline", *compared.METHODS):
             backbone = "PEFT"  # the method decides what of the backbone trains (finetune.py)
         else:
             backbone = "frozen" if config["freeze_backbone"] else "fine-tuned"
@@ -211,7 +211,7 @@ def comparison(rows, test_sets, opts, passed):
     return (f"Same budget for every run: `{settings}`; {spread}; seconds per run.\n\n" + "\n".join(lines) + "\n\n"
             "GMAC (multiply-adds, the paper's FLOPs): train.py's estimate (dfdhr.estimate_flops) at the exits taken; "
             "for the methods of finetune.py it is\nthe plain ViT's, without the adapters' or prompts' own cost "
-            "(VPT-deep runs N + 5 tokens); for RINE, D³ and MRA\n(baselines/) the ViT's by the formula on each view, "
+            "(VPT-deep runs N + 5 tokens); for RINE, D³ and MRA\n(compared/) the ViT's by the formula on each view, "
             "and MRA's ConvNeXt and adapters.")
 
 

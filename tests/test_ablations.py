@@ -18,12 +18,12 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-import baselines
+import compared
 import finetune
 import predict
 import train
-from baselines.convnext import ConvNeXt, load_convnext
-from baselines.multiscale import MRAdapter, shuffle_patches
+from compared.convnext import ConvNeXt, load_convnext
+from compared.multiscale import MRAdapter, shuffle_patches
 from benchmarks import compare_methods
 from dfdhr import (ABLATIONS, DFDHR, ConstantJudge, SelfAttentionPooling, estimate_flops, force_exit, make_config,
                    original_image, split_images)
@@ -451,9 +451,9 @@ def test_each_row_is_the_row_it_is_compared_with_and_one_change(row):
 def test_each_table_runs_known_rows_with_ours_first():
     tables = compare_methods.TABLES
     assert tables["tab5"][:2] == ("+layer_pruning", "+token_selection") and set(tables["tab5"][2:]) == set(TAB5)
-    assert tables["tab6"][:2] == ("baseline", "fusion_only") and set(tables["tab6"][2:]) == {*TAB6, *baselines.METHODS}
+    assert tables["tab6"][:2] == ("baseline", "fusion_only") and set(tables["tab6"][2:]) == {*TAB6, *compared.METHODS}
     assert tables["tab8"][0] == "full" and set(tables["tab8"][1:]) == set(TAB8)
-    assert all(n in ABLATIONS or n in baselines.METHODS for t in tables.values() for n in t)
+    assert all(n in ABLATIONS or n in compared.METHODS for t in tables.values() for n in t)
 
 
 @pytest.mark.parametrize("row", TAB5 + TAB6 + TAB8)
@@ -484,7 +484,7 @@ def linear_macs(modules, run):
     return sum(total)
 
 
-@pytest.mark.parametrize("name", baselines.METHODS)
+@pytest.mark.parametrize("name", compared.METHODS)
 def test_flops_of_each_method_match_the_counter(name, inputs):
     """The counter sees a method's own estimate, and what it omits as the paper does: the patch embedding
     of each view, CLIP's projection, the heads and fusion layers (counted here by hooks), D³'s attention."""
@@ -509,7 +509,7 @@ def test_flops_of_each_method_match_the_counter(name, inputs):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("row", [*(f"--ablation={r}" for r in TAB5 + TAB6 + TAB8),
-                                 *(f"--method={m}" for m in baselines.METHODS)])
+                                 *(f"--method={m}" for m in compared.METHODS)])
 def test_each_row_trains_and_evaluates_through_train_py(row, tmp_path, tiny_run):
     train.main(tiny_run + [row, "--max_iters=1", f"--out_dir={tmp_path}"])
     metrics = json.loads((tmp_path / "metrics.json").read_text())

@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Libraries of this field a user may well have installed, whether or not this machine has them.
 FIELD = {"peft", "evaluate", "datasets", "timm", "accelerate", "transformers", "diffusers", "open_clip", "clip",
-         "einops", "albumentations", "torchvision", "safetensors", "dlib", "cv2", "sklearn", "scipy", "numpy"}
+         "einops", "baselines", "albumentations", "torchvision", "safetensors", "dlib", "cv2", "sklearn", "scipy", "numpy"}
 
 
 def test_no_module_or_package_of_ours_shadows_an_installed_library():

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from baselines.convnext import STRIDE, ConvNeXt
+from compared.convnext import STRIDE, ConvNeXt
 from dfdhr import DFDHR, DFDHROutput, estimate_flops, original_image, param_groups, with_backbone
 
 RINE_PROJECTIONS = 2    # RINE's 4-class setting (its best for ProGAN's four classes): 2 projection layers of width D

@@ -5,8 +5,8 @@ row of Tab. 5, 6 and 8 is a switch of DFD-HR's own model (dfdhr.ABLATIONS).
 `build_model(method, config, backbone)` builds one, as finetune.build_model does the methods of
 Tab. A: train.py trains and evaluates it with `--method=rine|d3|mra`.
 """
-from baselines.convnext import load_convnext
-from baselines.multiscale import D3, MRA, RINE
+from compared.convnext import load_convnext
+from compared.multiscale import D3, MRA, RINE
 
 METHODS = ("rine", "d3", "mra")
 

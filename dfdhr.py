@@ -152,11 +152,11 @@ PRESETS = {
     "paper": DFDHRConfig(),
     # Small enough for 2 CPU cores: 64 px views of 8 px patches (N = 65), 8 layers of width 128 with
     # OpenAI's head width of 64, the last four routed as in the paper. Its judges start with logits
-    # near 1, where the training gate, which fires with σ(logit), would send many training views out
-    # early while inference runs them all; ×4 starts them near certain to run (README, "Judge
+    # near 1, where the training gate, which fires with σ(logit), would send views out at random
+    # while the classifier has learnt nothing yet; ×16 starts them all running (README, "Judge
     # initialisation").
     "small": DFDHRConfig(view_size=64, patch_size=8, width=128, layers=8, heads=2, embed_dim=128, image_size=128,
-                         first_routed_layer=4, judge_hidden=32, adapter_rank=32, judge_init_gain=4.0,
+                         first_routed_layer=4, judge_hidden=32, adapter_rank=32, judge_init_gain=16.0,
                          # Tab. 5 as at 16 × 16 patches: 4 groups at stride 2; the tokens' share of components (32/257)
                          sparse_size=4, pca_components=8),
 }

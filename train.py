@@ -73,7 +73,7 @@ class Settings:
     frame_sampling: str = "even"   # "even" over the video, or "first" (DeepfakeBench, the paper's runs)
     augment: str = "auto"          # "true", "false", or "auto": on for real data, off for the synthetic benchmark
     # Optimisation: Adam (paper).
-    epochs: int = 4                # paper: 20
+    epochs: int = 2                # paper: 20
     max_iters: int = 0             # stop after this many steps (0: run all epochs)
     batch_size: int = 16           # effective batch per optimizer step, over all processes (paper: 64)
     micro_batch_size: int = 0      # per process and forward pass; 0: batch_size / processes (no accumulation)

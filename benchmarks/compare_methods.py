@@ -118,7 +118,8 @@ def main(argv):
     settings = " ".join([f"--max_iters={opts.max_iters}", *passed])
     table = (f"Same budget for every run: `{settings}`\n\n" + "\n".join(lines) + "\n\n"
              "GMAC (multiply-adds, the paper's FLOPs): train.py's estimate (dfdhr.estimate_flops) at the exits taken; for the methods of finetune.py it is\n"
-             "the plain ViT's, without the adapters' or prompts' own cost (VPT-deep runs N + 5 tokens).")
+             "the plain ViT's, without the adapters' or prompts' own cost (VPT-deep runs N + 5 tokens; SideTuning's AlexNet, ForAda's adapter\n"
+             "and second CLIP pass, MoE-FFD's experts are not counted).")
     root.mkdir(parents=True, exist_ok=True)
     (root / "comparison.md").write_text(table + "\n")
     print("\n" + table)

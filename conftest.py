@@ -1,6 +1,7 @@
 """Fixtures shared by test_dfdhr.py (the component specification) and the tests in tests/."""
 import pytest
 import torch
+from threadpoolctl import threadpool_limits  # comes with scikit-learn
 
 from dfdhr import make_config
 
@@ -53,3 +54,14 @@ def hf_clip():
         return model
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small matrices run on one thread: on a busy machine, a pool of spinning LAPACK/OpenMP threads
+    makes a 128 x 128 SVD or a tiny forward pass take seconds instead of milliseconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(1):
+        yield
+    torch.set_num_threads(threads)

@@ -408,6 +408,7 @@ class Loss(NamedTuple):
     total: torch.Tensor
     ce: torch.Tensor
     rank: torch.Tensor
+    extra: torch.Tensor  # a fine-tuning method's own terms, weighted (finetune.extra_loss); 0 for DFD-HR
 
 
 def rank_loss(ranked, query, config):
@@ -421,10 +422,12 @@ def rank_loss(ranked, query, config):
                                       temperature=temperature) for scores, tokens in layers]).mean()
 
 
-def dfdhr_loss(out, labels, config):
-    """L = L_cls + λ·L_rank, the one place the losses are weighted."""
+def dfdhr_loss(out, labels, config, extra=None):
+    """L = L_cls + λ·L_rank + L_extra, the one place the losses are weighted. L_extra: the terms a fine-tuning
+    method of supp. Tab. A adds, each with its own paper's weight (finetune.extra_loss), or None."""
     ce = F.cross_entropy(out.logits.float(), labels)
-    return Loss(ce + config.rank_weight * out.rank_loss, ce, out.rank_loss)
+    extra = ce.new_zeros(()) if extra is None else extra.float()
+    return Loss(ce + config.rank_weight * out.rank_loss + extra, ce, out.rank_loss, extra)
 
 
 class DFDHR(nn.Module):

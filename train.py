@@ -165,6 +165,9 @@ def set_up(cfg):
     if rest or local_batch % micro:
         raise SystemExit(f"--batch_size={cfg.batch_size} does not split into {world} process(es) × micro-batches "
                          f"of {micro}")
+    if world > 1 and cfg.method in finetune.ONE_PROCESS:
+        raise SystemExit(f"--method={cfg.method} trains in one process: its own loss terms (finetune.extra_loss) read "
+                         "what its forward leaves behind, which DistributedDataParallel does not see")
     if world > 1:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return Process(device, bf16, dist.get_rank() if world > 1 else 0, world, micro)
@@ -241,6 +244,7 @@ def datasets(cfg, image_size):
         bench = synthetic.synthetic_splits(protocol=cfg.synthetic_protocol, strength=cfg.synthetic_strength,
                                            image_size=image_size, seed=cfg.synthetic_seed, augment=aug,
                                            train_videos=cfg.synthetic_train_videos if own else 0,
+                                           masks=cfg.method in finetune.NEEDS_MASKS,
                                            test_videos=cfg.synthetic_test_videos,
                                            frames_per_video=cfg.frames_per_video,
                                            test_frames_per_video=cfg.test_frames_per_video,
@@ -298,17 +302,20 @@ class NonFiniteLoss(ArithmeticError):
 def train_step(model, batch, opt, *, config, micro_batch, autocast, device):
     """One optimizer step on `batch`: forward and backward per micro-batch, whose gradients add up
     (DistributedDataParallel reduces them once, at the last), then the optimizer. Returns the
-    batch's mean [L, L_cls, L_rank]; raises NonFiniteLoss, before any update, if a loss is not finite."""
+    batch's mean [L, L_cls, L_rank, L_extra]; raises NonFiniteLoss, before any update, if a loss is not
+    finite. A batch's blending masks ("mask", where a method's loss reads them) split with it."""
     opt.zero_grad(set_to_none=True)
-    chunks = list(zip(batch["image"].split(micro_batch), batch["label"].split(micro_batch)))
+    chunks = list(zip(*(batch[k].split(micro_batch) for k in ("image", "label", "mask") if k in batch)))
     no_sync = getattr(model, "no_sync", contextlib.nullcontext)  # DDP's: no gradient reduction in this pass
     parts = []
-    for i, (x, y) in enumerate(chunks):
+    for i, (x, y, *mask) in enumerate(chunks):
+        x, y, mask = x.to(device), y.to(device), mask[0].to(device) if mask else None
         with (no_sync() if i < len(chunks) - 1 else contextlib.nullcontext()), autocast():
-            loss = dfdhr_loss(model(x.to(device)), y.to(device), config)
+            out = model(x)
+            loss = dfdhr_loss(out, y, config, finetune.extra_loss(model, y, mask))
         if not torch.isfinite(loss.total):
-            raise NonFiniteLoss(f"loss is {loss.total.item()} (ce {loss.ce.item()}, rank {loss.rank.item()}); "
-                                f"batch sources: {', '.join(batch['source'][:4])}...")
+            raise NonFiniteLoss(f"loss is {loss.total.item()} (ce {loss.ce.item()}, rank {loss.rank.item()}, extra "
+                                f"{loss.extra.item()}); batch sources: {', '.join(batch['source'][:4])}...")
         share = len(x) / len(batch["label"])
         (loss.total * share).backward()
         parts.append([t.item() * share for t in loss])
@@ -320,7 +327,7 @@ def train_step(model, batch, opt, *, config, micro_batch, autocast, device):
 class Progress:
     """What the run has done, saved in every checkpoint: a resumed run continues from it."""
     step: int = 0
-    steps: list = field(default_factory=list)  # per step: {step, loss, ce, rank}
+    steps: list = field(default_factory=list)  # per step: {step, loss, ce, rank, extra}
     evals: list = field(default_factory=list)  # per epoch end: {step, epoch, seconds, val_video_auc, video_auc}
     best_score: float = -1.0  # best.pt's: the validation video AUC (or the first test set's)
     best_step: int = 0
@@ -342,11 +349,12 @@ def warn_skipped(skipped, reasons, shown=5):
 def log_step(progress, losses, cfg, *, lead, epoch, total, rate):
     """Record a step's losses; the lead process prints them every log_interval steps, with the
     throughput (images a second) and an ETA."""
-    loss, ce, l_rank = losses
-    progress.steps.append(dict(step=progress.step, loss=loss, ce=ce, rank=l_rank))
+    loss, ce, l_rank, extra = losses
+    progress.steps.append(dict(step=progress.step, loss=loss, ce=ce, rank=l_rank, extra=extra))
     if lead and (progress.step % cfg.log_interval == 0 or progress.step == total):
         eta = (total - progress.step) * cfg.batch_size / rate
-        print(f"step {progress.step}/{total} | epoch {epoch} | loss {loss:.4f} (ce {ce:.4f}, rank {l_rank:.4f}) | "
+        own = f", {cfg.method} {extra:.4f}" if extra else ""  # finetune.extra_loss, weighted
+        print(f"step {progress.step}/{total} | epoch {epoch} | loss {loss:.4f} (ce {ce:.4f}, rank {l_rank:.4f}{own}) | "
               f"{rate:.1f} img/s | ETA {eta // 60:.0f}m{eta % 60:02.0f}s", flush=True)
 
 
@@ -518,6 +526,7 @@ def main(argv):
                 schedule(opt, cfg, step=progress.step, total=cfg.epochs * per_epoch)
                 losses = train_step(stepped, b, opt, config=model.config, micro_batch=proc.micro_batch,
                                     autocast=proc.autocast, device=proc.device)
+                finetune.after_step(model, progress.step + 1, total)  # AdaLoRA: its rank allocation
                 seen += len(b["label"]) * proc.world
             progress.step += 1
             if losses is not None:

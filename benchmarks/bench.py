@@ -368,6 +368,9 @@ class Phases:
         self.seconds["forward"] += time.perf_counter() - start
         return out
 
+    def modules(self):  # where train_step looks for a fine-tuning method's own losses (finetune.extra_loss)
+        return self.model.modules()
+
     def zero_grad(self, set_to_none=True):
         self.opt.zero_grad(set_to_none=set_to_none)
 

@@ -211,7 +211,8 @@ def comparison(rows, test_sets, opts, passed):
     return (f"Same budget for every run: `{settings}`; {spread}; seconds per run.\n\n" + "\n".join(lines) + "\n\n"
             "GMAC (multiply-adds, the paper's FLOPs): train.py's estimate (dfdhr.estimate_flops) at the exits taken; "
             "for the methods of finetune.py it is\nthe plain ViT's, without the adapters' or prompts' own cost "
-            "(VPT-deep runs N + 5 tokens); for RINE, D³ and MRA\n(compared/) the ViT's by the formula on each view, "
+            "(VPT-deep runs N + 5 tokens; SideTuning's AlexNet, ForAda's adapter\nand second CLIP pass, MoE-FFD's "
+            "experts are not counted); for RINE, D³ and MRA (compared/) the ViT's by the formula on each view,\n"
             "and MRA's ConvNeXt and adapters.")
 
 

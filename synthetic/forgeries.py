@@ -231,20 +231,19 @@ def forge(method: str, face: Face, *, scene, pose, rng, frame_rng, strength: flo
 
 def _render_range(args):
     dataset, lo, hi = args
-    if isinstance(dataset, SyntheticForgeries):  # with where each forgery changed its frame
-        frames, changed = zip(*(dataset.render(i) for i in range(lo, hi)))
-        return np.stack(frames), np.stack(changed)
-    return np.stack([np.asarray(dataset.image(i)) for i in range(lo, hi)]), None
+    frames, records = zip(*(dataset.render(i) for i in range(lo, hi)))
+    return np.stack(frames), None if records[0] is None else np.stack(records)
 
 
-_RENDERED = {}  # render_key() -> (frames, changed): a process that trains several runs renders once
+_RENDERED = {}  # render_key() -> (frames, records): a process that trains several runs renders once
 
 
 def prerender(datasets, workers=2, chunk=64) -> int:
     """Render every frame of the synthetic data sets among `datasets` (or under a Subset) once, in
-    `workers` processes, and keep them in memory (uint8, S·S·3 bytes a frame; a test set also keeps
-    where each forgery changed its frame, S·S bools): later reads cost nothing, and a later data set
-    of the same frames in this process takes them as they are. A rendered SelfBlendPairs keeps the
+    `workers` processes, and keep them in memory (uint8, S·S·3 bytes a frame, and S·S for what a data
+    set records of each frame: where a test frame's forgery changed it, a training pair's blending
+    mask): later reads cost nothing, and a later data set of the same frames in this process takes
+    them as they are. A rendered SelfBlendPairs keeps the
     blends of epoch 0 in every epoch. Returns the number of frames rendered."""
     from multiprocessing import get_context
     todo = {}
@@ -253,7 +252,7 @@ def prerender(datasets, workers=2, chunk=64) -> int:
         if not isinstance(ds, (SyntheticForgeries, SelfBlendPairs)) or ds._cache is not None:
             continue
         if ds.render_key() in _RENDERED:
-            ds._cache, ds._changed = _RENDERED[ds.render_key()]
+            ds._cache, ds._record = _RENDERED[ds.render_key()]
         else:
             todo[id(ds)] = ds
     jobs = [(ds, lo, min(lo + chunk, len(ds))) for ds in todo.values() for lo in range(0, len(ds), chunk)]
@@ -265,9 +264,9 @@ def prerender(datasets, workers=2, chunk=64) -> int:
     for ds in todo.values():
         mine = [p for (d, _, _), p in zip(jobs, parts) if d is ds]
         ds._cache = np.concatenate([frames for frames, _ in mine])
-        if isinstance(ds, SyntheticForgeries):
-            ds._changed = np.concatenate([changed for _, changed in mine])
-        _RENDERED[ds.render_key()] = ds._cache, ds._changed
+        if mine[0][1] is not None:
+            ds._record = np.concatenate([records for _, records in mine])
+        _RENDERED[ds.render_key()] = ds._cache, ds._record
     return sum(map(len, todo.values()))
 
 
@@ -293,8 +292,8 @@ class SyntheticForgeries(FrameDataset):
                 self.samples.append(Sample(f"synthetic:{seed}/{video * frames_per_video + f}", int(not real),
                                            f"synthetic:{seed}/{method}/{video:05d}", method))
 
-    _cache = None    # (N, S, S, C) uint8 once prerender() ran
-    _changed = None  # (N, S, S) bool, likewise
+    _cache = None   # (N, S, S, C) uint8 once prerender() ran
+    _record = None  # (N, S, S) bool, likewise: where each frame's forgery changed it
 
     def render_key(self):
         """What its frames are drawn from: two data sets of one key hold the same frames."""
@@ -321,7 +320,7 @@ class SyntheticForgeries(FrameDataset):
 
     def changed(self, index: int) -> np.ndarray:
         """Where the forgery of frame `index` changed it, (S, S) bool (render)."""
-        return self._changed[index] if self._changed is not None else self.render(index)[1]
+        return self._record[index] if self._record is not None else self.render(index)[1]
 
     def _draw(self, index: int, forged: bool) -> Image.Image:
         video, f = divmod(int(index), self.frames_per_video)
@@ -342,13 +341,19 @@ class SelfBlendPairs(FrameDataset):
     every rendered frame gives two samples, index 2k its real image (the target) and 2k + 1 its
     self-blend (SBI), so one render serves both and `group_size = 2` lets the trainer keep each
     pair in one batch. A new blend (mask, transforms, ratio, strength) is drawn per frame, and
-    per epoch. Camera post-processing (blur, noise, JPEG) is the same for both of a pair."""
+    per epoch. Camera post-processing (blur, noise, JPEG) is the same for both of a pair.
+    With `masks`, each sample also has "mask", the blend's mask (S, S) in [0, 1] (zero for the real
+    image), for a method whose loss reads it (ForAda's boundary); masks are not augmented, so not with
+    `augment`."""
 
     group_size = 2
 
-    def __init__(self, *, num_videos, frames_per_video, image_size, seed, augment=None, strength=STRENGTH):
+    def __init__(self, *, num_videos, frames_per_video, image_size, seed, augment=None, strength=STRENGTH,
+                 masks=False):
+        if masks and augment is not None:
+            raise ValueError("blending masks follow the frames unaugmented: use them without augmentation")
         super().__init__(image_size=image_size, augment=augment, seed=seed)
-        self.frames_per_video, self.strength, self._last = frames_per_video, strength, (None, None)
+        self.frames_per_video, self.strength, self._last, self.masks = frames_per_video, strength, (None, None), masks
         for video in range(num_videos):
             for f in range(frames_per_video):
                 k = video * frames_per_video + f
@@ -357,8 +362,8 @@ class SelfBlendPairs(FrameDataset):
                                            "selfblend"))
 
     def pair(self, k: int):
-        """(real, fake) PIL images of rendered frame k; the last pair is cached (a worker that
-        draws 2k then 2k + 1 renders once)."""
+        """(real, fake) PIL images of rendered frame k and the blend's mask (H, W); the last pair is
+        cached (a worker that draws 2k then 2k + 1 renders once)."""
         if self._last[0] == (k, self.epoch):
             return self._last[1]
         video, f = divmod(k, self.frames_per_video)
@@ -368,21 +373,39 @@ class SelfBlendPairs(FrameDataset):
         face = render_face(ident, scene, jitter_pose(scene.pose, frame_rng), self.image_size)
         rng = np.random.default_rng((self.seed, _FORGERY, video, f, self.epoch))
         sb = self_blend(face, rng, self.strength * rng.uniform(.5, 1))
-        out = tuple(camera(img, scene, np.random.default_rng((self.seed, _CAMERA, video, f))) for img in sb[:2])
+        out = (*(camera(img, scene, np.random.default_rng((self.seed, _CAMERA, video, f))) for img in sb[:2]), sb.mask)
         self._last = ((k, self.epoch), out)
         return out
 
-    _cache = None
-    _changed = None  # unused: a training pair's forgery is its self-blend
+    _cache = None   # (N, S, S, C) uint8 once prerender() ran
+    _record = None  # (N, S, S) uint8 blending masks, likewise, with `masks`
 
     def render_key(self):
         """What its frames are drawn from: two data sets of one key hold the same frames."""
-        return type(self).__name__, self.seed, self.image_size, self.strength, self.frames_per_video, len(self)
+        return (type(self).__name__, self.seed, self.image_size, self.strength, self.frames_per_video, len(self),
+                self.masks)
+
+    def render(self, index: int):
+        """(frame, its blending mask in 8-bit levels, or None without `masks`), uint8."""
+        mask = np.round(255 * self.mask(index)).astype(np.uint8) if self.masks else None
+        return np.asarray(self.image(index)), mask
 
     def image(self, index: int) -> Image.Image:
         if self._cache is not None:
             return Image.fromarray(self._cache[index])
         return self.pair(int(index) // 2)[int(index) % 2]
+
+    def mask(self, index: int) -> np.ndarray:
+        """The blending mask (H, W) in [0, 1] of sample `index`: zero for a real image."""
+        if self._record is not None:
+            return self._record[index].astype(np.float32) / 255
+        return self.pair(int(index) // 2)[2] * (int(index) % 2)
+
+    def __getitem__(self, index):
+        sample = super().__getitem__(index)
+        if self.masks:
+            sample["mask"] = torch.from_numpy(self.mask(index))
+        return sample
 
 
 PROTOCOLS = ("sbi", "cross_method")
@@ -411,13 +434,14 @@ def family_test_sets(shared: "SyntheticForgeries") -> dict:
 
 def synthetic_splits(*, protocol="sbi", image_size, seed, train_videos, test_videos, frames_per_video,
                      test_frames_per_video=None, train_methods=TRAIN_METHODS, test_methods=HELD_OUT_METHODS,
-                     augment=None, strength=STRENGTH, test_real_videos=None) -> dict:
+                     augment=None, strength=STRENGTH, test_real_videos=None, masks=False) -> dict:
     """The benchmark's protocols; each split has its own seed, hence its own identities.
 
     "sbi" (after SBI, Shiohara & Yamasaki 2022): "train" is real frames and their self-blends
-    (`SelfBlendPairs`, `train_videos` real videos), "val" new real and self-blended videos; one
-    test set per family ("selfblend" in-domain; "faceswap", "partial", "upsample" never seen),
-    each with `test_videos` fake videos against the same `test_real_videos` real ones.
+    (`SelfBlendPairs`, `train_videos` real videos, with their blending masks if `masks`), "val" new
+    real and self-blended videos; one test set per family ("selfblend" in-domain; "faceswap",
+    "partial", "upsample" never seen), each with `test_videos` fake videos against the same
+    `test_real_videos` real ones.
 
     "cross_method" (after the paper's Protocol-2): "train", "val" and "in_domain" use
     `train_methods`, "cross_method" the held-out `test_methods`."""
@@ -431,7 +455,7 @@ def synthetic_splits(*, protocol="sbi", image_size, seed, train_videos, test_vid
         shared = SyntheticForgeries(methods=FORGERY_METHODS, seed=seed + 1, num_videos=reals + fakes,
                                     real_fraction=reals / (reals + fakes), **test)
         return {"train": SelfBlendPairs(num_videos=train_videos, frames_per_video=frames_per_video, seed=seed,
-                                        image_size=image_size, augment=augment, strength=strength),
+                                        image_size=image_size, augment=augment, strength=strength, masks=masks),
                 "val": SyntheticForgeries(methods=("selfblend",), seed=seed + 3, num_videos=test_videos, **test),
                 **family_test_sets(shared)}
     return {"train": SyntheticForgeries(methods=train_methods, num_videos=train_videos, seed=seed, augment=augment,

@@ -198,6 +198,24 @@ def test_self_blend_pairs_share_the_frame_and_differ_only_in_the_blend():
     assert not np.array_equal(np.asarray(pairs.image(1)), first)  # a new blend every epoch
 
 
+def test_self_blend_pairs_give_their_blend_masks_on_request():
+    """With masks (ForAda's boundary): the real image's is zero, the self-blend's the mask it was blended through
+    (the frames differ where it is on), prerendered to within 1/255, stacked by the collation; not with augment."""
+    pairs = forgeries.SelfBlendPairs(num_videos=2, frames_per_video=1, image_size=SIZE, seed=5, masks=True)
+    assert "mask" not in forgeries.SelfBlendPairs(num_videos=1, frames_per_video=1, image_size=SIZE, seed=5)[0]
+    masks = [pairs[i]["mask"].numpy() for i in range(4)]
+    assert not masks[0].any() and not masks[2].any() and masks[1].max() > 0.2 and masks[1].shape == (SIZE, SIZE)
+    real, fake = (np.asarray(pairs.image(j), dtype=np.float32) for j in (0, 1))
+    changed = np.abs(real - fake).max(-1) > 8  # away from JPEG's faint spread: inside the mask
+    assert changed.any() and (masks[1][changed] > 0).mean() > 0.95
+    forgeries.prerender([pairs], workers=1)
+    np.testing.assert_allclose(pairs[1]["mask"].numpy(), masks[1], atol=0.5 / 255)
+    assert data.collate([pairs[0], pairs[1]])["mask"].shape == (2, SIZE, SIZE)
+    with pytest.raises(ValueError, match="augment"):
+        forgeries.SelfBlendPairs(num_videos=1, frames_per_video=1, image_size=SIZE, seed=5, masks=True,
+                                 augment=data.Augment())
+
+
 def test_prerender_keeps_exactly_the_frames_the_data_sets_draw():
     splits = forgeries.synthetic_splits(image_size=64, seed=2, train_videos=2, test_videos=2, frames_per_video=2)
     direct = {name: [np.asarray(ds.dataset.image(ds.indices[i]) if hasattr(ds, "indices") else ds.image(i))

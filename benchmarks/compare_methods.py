@@ -1,4 +1,4 @@
-"""The project's own supp. Tab. A, main ablation and Tab. 5, 6, 8: fine-tuning methods of finetune.py, DFD-HR,
+"""The project's own supp. Tab. A, main ablation and Tab. 5, 6, 8: fine-tuning methods of finetune/, DFD-HR,
 rows of dfdhr.ABLATIONS and the methods of compared/, each trained by train.py with the same budget on the
 same data, over one or more seeds, in one table.
 
@@ -121,7 +121,7 @@ def main(argv):
         if config is None:
             backbone = None
         elif kind == "method" and name not in ("baseline", *compared.METHODS):
-            backbone = "PEFT"  # the method decides what of the backbone trains (finetune.py)
+            backbone = "PEFT"  # the method decides what of the backbone trains (finetune/)
         else:
             backbone = "frozen" if config["freeze_backbone"] else "fine-tuned"
         for r in runs:
@@ -210,7 +210,7 @@ def comparison(rows, test_sets, opts, passed):
               else f"seed {opts.seeds}, [95 % interval] over videos")
     return (f"Same budget for every run: `{settings}`; {spread}; seconds per run.\n\n" + "\n".join(lines) + "\n\n"
             "GMAC (multiply-adds, the paper's FLOPs): train.py's estimate (dfdhr.estimate_flops) at the exits taken; "
-            "for the methods of finetune.py it is\nthe plain ViT's, without the adapters' or prompts' own cost "
+            "for the methods of finetune/ it is\nthe plain ViT's, without the adapters' or prompts' own cost "
             "(VPT-deep runs N + 5 tokens; SideTuning's AlexNet, ForAda's adapter\nand second CLIP pass, MoE-FFD's "
             "experts are not counted); for RINE, D³ and MRA (compared/) the ViT's by the formula on each view,\n"
             "and MRA's ConvNeXt and adapters.")

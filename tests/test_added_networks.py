@@ -1,4 +1,4 @@
-"""added_networks.py and forensics_adapter.py: MoE-FFD, SideTuning and ForAda against their defining equations,
+"""finetune/added_networks.py and finetune/forensics_adapter.py: MoE-FFD, SideTuning and ForAda against their defining equations,
 written out here pixel by pixel, token by token and pair by pair (scipy for the normal CDF and the blur)."""
 
 import numpy as np
@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from scipy import ndimage, stats
 
 import finetune
-from added_networks import AlexNet, NoisyTopOneGate, PixelDifferenceConv
+from finetune.added_networks import AlexNet, NoisyTopOneGate, PixelDifferenceConv
 from dfdhr import DFDHR, make_config
-from forensics_adapter import QUERIES, frame_contrast, masked_block, patch_contrast, query_mask
+from finetune.forensics_adapter import QUERIES, frame_contrast, masked_block, patch_contrast, query_mask
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

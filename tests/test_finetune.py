@@ -1,4 +1,4 @@
-"""finetune.py and weight_changes.py: each method of supp. Tab. A trains exactly its parameters, starts where
+"""finetune/: the methods and their weight changes (weight_changes.py): each method of supp. Tab. A trains exactly its parameters, starts where
 the paper's method starts, and computes what its paper writes: checked against numpy decompositions, hand
 formulas, second implementations written out here, and for LoHa, LoKr, AdaLoRA, OFT and BOFT the PEFT library
 itself, holding the same weights and adapter parameters. SideTuning, ForAda and MoE-FFD against their own
@@ -16,7 +16,7 @@ from torch.nn.utils import parametrize
 
 import finetune
 import train
-import weight_changes
+from finetune import weight_changes
 from dfdhr import DFDHR, dfdhr_loss, make_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -99,8 +99,8 @@ def test_write_run_figures_from_evaluate(tmp_path, routing):
     paths = figures.write_run_figures(tmp_path, metrics, history, model, sets)
     names = ["exit_layers_mixed.png", "exit_layers_only_fake.png", "roc.png", "training_curves.png",
              "token_overlays.png", "gate_weights.md", "overlays.json"]
-    if routing == "full":
-        names += ["gate_weights_mixed.png", "gate_weights_only_fake.png"]
+    if routing == "full":  # Token Selection's record against the forged regions the synthetic frames know
+        names += ["gate_weights_mixed.png", "gate_weights_only_fake.png", "token_recall.png"]
     assert sorted(p.name for p in paths) == sorted(names)
     assert all(p.parent == tmp_path / "figures" and p.stat().st_size > 0 for p in paths)
     for p in paths:

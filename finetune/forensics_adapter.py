@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from added_networks import WithSideNetwork, attention
+from finetune.added_networks import WithSideNetwork, attention
 from dfdhr import original_image
 from vit import Block, LayerNorm
 

@@ -1,5 +1,5 @@
 """The weight changes of supp. Tab. A: parametrizations W' = f(W, new parameters) of a linear layer's weight,
-computed at each forward (torch.nn.utils.parametrize); finetune.py registers them on the ViT's linear layers.
+computed at each forward (torch.nn.utils.parametrize); finetune/__init__.py registers them on the ViT's linear layers.
 
   additive, W' = W + ΔW   LoRA [6] and its variants (LowRank), DoRA [14] (its direction), Effort [21]
                           (SVDResidual), LoHa [7], LoKr [23], AdaLoRA [28]

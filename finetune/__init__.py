@@ -40,10 +40,10 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import compared
-from added_networks import BALANCE_WEIGHTS, AdapterExperts, ExpertAttention, LoRAExperts, SideTuning, WithSideNetwork
+from finetune.added_networks import BALANCE_WEIGHTS, AdapterExperts, ExpertAttention, LoRAExperts, SideTuning, WithSideNetwork
 from dfdhr import DFDHR
-from forensics_adapter import ForensicsAdapter
-from weight_changes import BOFT, IA3, OFT, AdaLoRA, DoRA, LoHa, LoKr, LowRank, SVDResidual, allocate
+from finetune.forensics_adapter import ForensicsAdapter
+from finetune.weight_changes import BOFT, IA3, OFT, AdaLoRA, DoRA, LoHa, LoKr, LowRank, SVDResidual, allocate
 
 METHODS = ("baseline", "ln_tuning", "bias_tuning", "vpt_deep", "side_tuning", "linear_probe", "partial4", "mlp3",
            "adapter", "forada", "lora", "gaussian_lora", "pissa", "olora", "rslora", "dora", "loha", "lokr",

@@ -89,6 +89,10 @@ class DFDHRConfig:
     num_experts: int = 4          # E (paper)
     adapter_rank: int = 256       # r: adapter bottleneck D -> r -> D (released code)
     gate_noise: bool = True       # the noisy gate of Eq. 13 in training; released code: False
+    # A term on computation for the layer judges, not in the paper (README, "What each router does"):
+    # μ·max(0, share of the routed layers a view ran − allowance), over the views of a batch.
+    exit_cost: float = 0.0        # μ; 0: none, the paper's L
+    exit_budget: float = 0.0      # the allowance: 0 charges every routed layer run, 0.6 only beyond 60 %
     # Training.
     freeze_backbone: bool = True  # released code; False = full fine-tuning (the paper's baseline, lr 1e-6)
     num_classes: int = 2          # real, fake
@@ -393,6 +397,7 @@ class Encoded(NamedTuple):
     ranked: list              # training: per routed layer (scores (B, N), input tokens (B, N, D)) for L_rank
     flops: torch.Tensor       # (B,) multiply-adds spent (estimate_flops at the exit layer)
     layer_cls: list           # per routed layer, the CLS (B, D) after it (Tab. 6 "Multi CLS Pooling")
+    depth: torch.Tensor       # (B,) routed layers run: Σ of the running gate products (straight-through in training)
 
 
 class DFDHROutput(NamedTuple):
@@ -402,13 +407,15 @@ class DFDHROutput(NamedTuple):
     kept: list                # per routed layer (B, V, n̂) kept token indices, -1 where exited
     gates: torch.Tensor       # (B, V, L, 2, E) mean expert gate weights, NaN where skipped
     flops: torch.Tensor       # (B,) multiply-adds spent over all views (estimate_flops at each exit)
+    depth: torch.Tensor = None  # (B, V) routed layers run per view, None for a model without layer judges
 
 
 class Loss(NamedTuple):
     total: torch.Tensor
     ce: torch.Tensor
     rank: torch.Tensor
-    extra: torch.Tensor  # a fine-tuning method's own terms, weighted (finetune.extra_loss); 0 for DFD-HR
+    extra: torch.Tensor  # terms beyond the paper's L, weighted: a fine-tuning method's own (finetune.extra_loss),
+                         # or DFD-HR's term on computation (compute_cost); 0 by default
 
 
 def rank_loss(ranked, query, config):
@@ -422,11 +429,21 @@ def rank_loss(ranked, query, config):
                                       temperature=temperature) for scores, tokens in layers]).mean()
 
 
+def compute_cost(out, config):
+    """μ·max(0, d − allowance), d the share of the routed layers the batch's views ran (straight-through
+    in training, so the judges feel it): a term on computation, not in the paper (DFDHRConfig.exit_cost)."""
+    if not config.exit_cost or out.depth is None:
+        return out.logits.new_zeros((), dtype=torch.float32)
+    share = out.depth.float().mean() / len(config.routed_layers)
+    return config.exit_cost * F.relu(share - config.exit_budget)
+
+
 def dfdhr_loss(out, labels, config, extra=None):
     """L = L_cls + λ·L_rank + L_extra, the one place the losses are weighted. L_extra: the terms a fine-tuning
-    method of supp. Tab. A adds, each with its own paper's weight (finetune.extra_loss), or None."""
+    method of supp. Tab. A adds, each with its own paper's weight (finetune.extra_loss), or None; and a term on
+    computation where the config asks for one (compute_cost)."""
     ce = F.cross_entropy(out.logits.float(), labels)
-    extra = ce.new_zeros(()) if extra is None else extra.float()
+    extra = compute_cost(out, config) + (0 if extra is None else extra.float())
     return Loss(ce + config.rank_weight * out.rank_loss + extra, ce, out.rank_loss, extra)
 
 
@@ -518,6 +535,7 @@ class DFDHR(nn.Module):
         kept = [torch.full((B, num_kept(cfg.num_tokens, cfg.keep_ratio)), -1, device=h.device)
                 for _ in routed] if cfg.token_selection and cfg.token_rule in SELECTING_RULES else []
         ranked, layer_cls, received = [], [], None
+        depth = h.new_zeros(B, dtype=torch.float32)
         for i in range(L):
             h_in = h  # (B, N, D) the layer's input, ranked by L_rank
             if i == K - 1 and routers.token_rule == "fastv":  # FastV ranks by layer K-1's attention
@@ -533,6 +551,7 @@ class DFDHR(nn.Module):
                     gumbel_sigmoid(logit, tau=cfg.gumbel_tau, draw=cfg.gumbel_draw, training=self.training)
                 active = still_active(active, p if cfg.judge_gradient else p.detach())
                 exit_layer = torch.where((exit_layer == L) & (active.detach() < 0.5), i, exit_layer)
+                depth = depth + active
                 if self.training:
                     out = self.layer(i, routers, h, query, received)
                     h = routed_update(h, out.h, active)
@@ -549,7 +568,7 @@ class DFDHR(nn.Module):
             if i in routed:
                 layer_cls.append(h[:, 0])
         flops = estimate_flops(self.branch_config(routers), exit_layer)
-        return Encoded(h[:, 0], exit_layer, kept, gates, ranked, flops, layer_cls)
+        return Encoded(h[:, 0], exit_layer, kept, gates, ranked, flops, layer_cls, depth)
 
     def forward(self, x):  # (B, 3, S, S) CLIP-normalised face crops, S = image_size
         cfg = self.config
@@ -572,7 +591,8 @@ class DFDHR(nn.Module):
                            exit_layer=by_view(*(v.exit_layer for v in views)),
                            kept=[by_view(*ks) for ks in zip(*(v.kept for v in views))],
                            gates=by_view(*(v.gates for v in views)),
-                           flops=by_view(*(v.flops for v in views)).sum(1).float())
+                           flops=by_view(*(v.flops for v in views)).sum(1).float(),
+                           depth=by_view(*(v.depth for v in views)))
 
     def fuse(self, original, others=None):
         """Logits (B, 2) from the original image's feature (B, P) concatenated with others (B, S, P) pooled (the split

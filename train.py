@@ -302,8 +302,9 @@ class NonFiniteLoss(ArithmeticError):
 def train_step(model, batch, opt, *, config, micro_batch, autocast, device):
     """One optimizer step on `batch`: forward and backward per micro-batch, whose gradients add up
     (DistributedDataParallel reduces them once, at the last), then the optimizer. Returns the
-    batch's mean [L, L_cls, L_rank, L_extra]; raises NonFiniteLoss, before any update, if a loss is not
-    finite. A batch's blending masks ("mask", where a method's loss reads them) split with it."""
+    batch's mean [L, L_cls, L_rank, L_extra] and the share of its views that left before the last layer;
+    raises NonFiniteLoss, before any update, if a loss is not finite. A batch's blending masks ("mask",
+    where a method's loss reads them) split with it."""
     opt.zero_grad(set_to_none=True)
     chunks = list(zip(*(batch[k].split(micro_batch) for k in ("image", "label", "mask") if k in batch)))
     no_sync = getattr(model, "no_sync", contextlib.nullcontext)  # DDP's: no gradient reduction in this pass
@@ -318,7 +319,8 @@ def train_step(model, batch, opt, *, config, micro_batch, autocast, device):
                                 f"{loss.extra.item()}); batch sources: {', '.join(batch['source'][:4])}...")
         share = len(x) / len(batch["label"])
         (loss.total * share).backward()
-        parts.append([t.item() * share for t in loss])
+        left = (out.exit_layer < config.layers).float().mean().item()
+        parts.append([t.item() * share for t in (*loss, left)])
     opt.step()
     return np.sum(parts, 0).tolist()
 
@@ -327,7 +329,7 @@ def train_step(model, batch, opt, *, config, micro_batch, autocast, device):
 class Progress:
     """What the run has done, saved in every checkpoint: a resumed run continues from it."""
     step: int = 0
-    steps: list = field(default_factory=list)  # per step: {step, loss, ce, rank, extra}
+    steps: list = field(default_factory=list)  # per step: {step, loss, ce, rank, extra, left}
     evals: list = field(default_factory=list)  # per epoch end: {step, epoch, seconds, val_video_auc, video_auc}
     best_score: float = -1.0  # best.pt's: the validation video AUC (or the first test set's)
     best_step: int = 0
@@ -349,8 +351,8 @@ def warn_skipped(skipped, reasons, shown=5):
 def log_step(progress, losses, cfg, *, lead, epoch, total, rate):
     """Record a step's losses; the lead process prints them every log_interval steps, with the
     throughput (images a second) and an ETA."""
-    loss, ce, l_rank, extra = losses
-    progress.steps.append(dict(step=progress.step, loss=loss, ce=ce, rank=l_rank, extra=extra))
+    loss, ce, l_rank, extra, left = losses  # left: the share of training views that left before the last layer
+    progress.steps.append(dict(step=progress.step, loss=loss, ce=ce, rank=l_rank, extra=extra, left=left))
     if lead and (progress.step % cfg.log_interval == 0 or progress.step == total):
         eta = (total - progress.step) * cfg.batch_size / rate
         own = f", {cfg.method} {extra:.4f}" if extra else ""  # finetune.extra_loss, weighted

@@ -107,3 +107,27 @@ def test_ablation_details(small, inputs):
 def test_impossible_configs_are_refused(bad, small):
     with pytest.raises(ValueError, match="invalid DFDHRConfig: .*" + next(iter(bad))):
         replace(small, **bad)
+
+
+@pytest.mark.parametrize("T", [4, 6, 8])
+def test_depth_counts_the_routed_layers_each_view_ran(small, inputs, T):
+    model = force_exit(DFDHR(small).eval(), T)
+    _, out = model.predict(inputs(small, n=2))
+    assert out.exit_layer.eq(T).all() and out.depth.eq(T - small.first_routed_layer).all()
+
+
+def test_compute_cost_charges_the_share_of_routed_layers_run_beyond_the_allowance(small, inputs):
+    """μ·max(0, d − allowance) by hand from the views' depths, and its gradient reaches the layer judges only
+    where the batch runs beyond the allowance."""
+    torch.manual_seed(0)
+    labels = torch.tensor([0, 1])
+    for budget, charged in ((0.0, True), (1.0, False)):
+        cfg = replace(small, exit_cost=0.3, exit_budget=budget, rank_weight=0.0)
+        model = DFDHR(cfg).train()
+        out = model(inputs(cfg))
+        share = out.depth.float().mean().item() / len(cfg.routed_layers)  # every view ran all four at init
+        loss = dfdhr_loss(out, labels, cfg)
+        assert loss.extra.item() == pytest.approx(0.3 * max(0.0, share - budget))
+        loss.extra.backward()  # at the allowance, max(0, ·) passes no gradient
+        grads = [p.grad for j in model.original_routers.layer_judges for p in j.parameters()]
+        assert all(g is not None and g.abs().sum() > 0 for g in grads) == charged

@@ -319,7 +319,7 @@ def train_step(model, batch, opt, *, config, micro_batch, autocast, device):
                                 f"{loss.extra.item()}); batch sources: {', '.join(batch['source'][:4])}...")
         share = len(x) / len(batch["label"])
         (loss.total * share).backward()
-        left = (out.exit_layer < config.layers).float().mean().item()
+        left = (out.exit_layer < config.layers).float().mean()
         parts.append([t.item() * share for t in (*loss, left)])
     opt.step()
     return np.sum(parts, 0).tolist()

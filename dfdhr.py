@@ -68,7 +68,8 @@ class DFDHRConfig:
     layer_pruning: bool = True
     first_routed_layer: int = 20  # K: layers K..L-1 are routed (paper: the last four)
     judge_hidden: int = 64        # layer judge Linear(D, 64) -> ReLU -> Linear(64, 1) (released code)
-    judge_init_gain: float = 1.0  # the layer judge's non-negative output weights start at this multiple
+    judge_init_gain: float = 1.0  # the layer judge's non-negative output weights start at this multiple; 0: random
+                                  # signs (nn.Linear's initialisation, the released code's)
     gumbel_tau: float = 1.0       # τ of the Gumbel-sigmoid (released code)
     gumbel_draw: str = "logistic"  # two-class Gumbel noise, fires with σ(logit); released code: "gumbel"
     judge_gradient: bool = True   # the paper's update p·Layer(H) + (1-p)·H; released code: False (p picks rows)
@@ -189,7 +190,7 @@ ABLATIONS = {
     "shared_token_judges": dict(share_token_judges=True),
     # The released code's routing, each difference its own switch (README, "Where we differ").
     "released": dict(judge_gradient=False, gumbel_draw="gumbel", soft_rank=False, rank_all_layers=False,
-                     route_last_layer=False, gate_noise=False),
+                     route_last_layer=False, gate_noise=False, judge_init_gain=0.0),
 }
 # The designs the paper compares its own with (supp. Sec. B), each the row it is compared with and one change.
 ABLATIONS.update({

@@ -54,8 +54,10 @@ class LayerJudge(nn.Module):
         # Non-negative output weights on ReLU features: logit ≥ 0, so every sample starts by running
         # every layer, rather than half of the network being cut off by a random sign. In training
         # the gate fires with σ(logit) only; `init_gain` scales the logits so that it starts near 1.
-        with torch.no_grad():
-            self.fc2.weight.abs_().mul_(init_gain)
+        # init_gain = 0: nn.Linear's own initialisation, random signs, as the released code's.
+        if init_gain > 0:
+            with torch.no_grad():
+                self.fc2.weight.abs_().mul_(init_gain)
 
     def forward(self, cls):  # (B, D) -> (B,) logits
         return self.fc2(F.relu(self.fc1(cls))).squeeze(-1)

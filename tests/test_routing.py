@@ -29,6 +29,12 @@ def test_layer_judge_starts_non_negative_and_init_gain_scales_its_logits():
     scaled = LayerJudge(dim=16, init_gain=4.0)(cls)
     assert (plain >= 0).all() and plain.max() > 0
     torch.testing.assert_close(scaled, 4 * plain)
+    torch.manual_seed(0)
+    released = LayerJudge(dim=16, init_gain=0)  # nn.Linear's own draw, signs and all
+    torch.manual_seed(0)
+    linear = [torch.nn.Linear(16, 64, bias=False), torch.nn.Linear(64, 1, bias=False)]  # its hidden width
+    torch.testing.assert_close(released.fc2.weight, linear[1].weight)
+    assert (released.fc2.weight < 0).any()
 
 
 def test_routed_update_rows_are_bit_identical_for_hard_gates():

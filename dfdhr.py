@@ -85,6 +85,8 @@ class DFDHRConfig:
                                    # enough that a token's gradient reaches its neighbours in rank order
     soft_rank: bool = True        # released code: False, argsort ranks (no gradient reaches the judges)
     rank_all_layers: bool = True  # L_rank averaged over the routed layers; released code: False, layer K only
+    rank_reaches_features: bool = False  # False: L_rank trains the token judges alone (the paper's supervision of
+                                         # the judges); True: its gradient also bends the features they read
     # Token-level Expert Routing.
     expert_routing: bool = True
     num_experts: int = 4          # E (paper)
@@ -375,7 +377,7 @@ class LayerOut(NamedTuple):
     h: torch.Tensor        # (b, N, D) Layer_i(H_i)
     gates: torch.Tensor    # (b, 2, E) mean expert weights after attention and after the MLP, or None
     kept: torch.Tensor     # (b, n̂) kept tokens in a routed layer with token selection, or None
-    scores: torch.Tensor   # (b, N) the token judge's scores, or None
+    scores: torch.Tensor   # (b, N) the token judge's scores as L_rank reads them, or None
 
 
 def on_active_rows(layer, h, active, *per_row):
@@ -517,11 +519,13 @@ class DFDHR(nn.Module):
         if rule == "fastv":
             sel = run_on_selected(h, received, run, keep=cfg.keep_ratio, cls_eligible=False, weighted=False)
             return LayerOut(sel.out, sel.aux, sel.idx, None)
-        scores = routers.token_judge(i)(h)  # (b, N)
+        judge = routers.token_judge(i)
+        scores = judge(h)  # (b, N)
         rank_by = scores if rule == "judge" or query is None else judge_and_cosine(scores, h, query)
         sel = run_on_selected(h, rank_by, run, keep=cfg.keep_ratio, cls_eligible=cfg.cls_eligible,
                               post_weight=cfg.post_weight)
-        return LayerOut(sel.out, sel.aux, sel.idx, scores)
+        ranked = scores if cfg.rank_reaches_features else judge(h.detach())  # what L_rank's gradient reaches
+        return LayerOut(sel.out, sel.aux, sel.idx, ranked)
 
     def encode(self, x, routers, query=None):
         """One view through the backbone and a branch's routers: (B, 3, v, v) -> Encoded. query (B, D):

@@ -378,6 +378,27 @@ def test_layer_judges_learn_except_in_the_released_code(ablation, inputs):
         assert all(g is not None and g.abs().sum() > 0 for g in grads)
 
 
+@pytest.mark.parametrize("reaches", [True, False])
+def test_rank_loss_reaches_the_features_only_if_asked(reaches, small, inputs, small_model):
+    """L_rank always trains the token judges; with rank_reaches_features=False nothing else: the same
+    value, and a gradient on the token judges' weights alone."""
+    x = inputs(small, n=2)
+    values = []
+    for switch in (True, False):
+        model = small_model(rank_reaches_features=switch).train()
+        torch.manual_seed(5)
+        values.append(model(x).rank_loss)
+        if switch == reaches:
+            loss, tested = values[-1], model
+    assert values[0].item() == pytest.approx(values[1].item(), abs=1e-6)
+    loss.backward()
+    judges = {id(p) for r in (tested.original_routers, tested.split_routers) for p in r.token_judges.parameters()}
+    moved = {n for n, p in tested.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in tested.parameters() if id(p) in judges)
+    others = {n for n, p in tested.named_parameters() if id(p) not in judges} & moved
+    assert bool(others) == reaches and (not reaches or any("experts" in n for n in others))
+
+
 def test_released_switches_do_what_the_released_code_does(inputs):
     cfg = make_config("small", "released")
     torch.manual_seed(0)

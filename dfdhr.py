@@ -92,7 +92,7 @@ class DFDHRConfig:
     num_experts: int = 4          # E (paper)
     adapter_rank: int = 256       # r: adapter bottleneck D -> r -> D (released code)
     gate_noise: bool = True       # the noisy gate of Eq. 13 in training; released code: False
-    # A term on computation for the layer judges, not in the paper (README, "What each router does"):
+    # A term on computation for the layer judges, not in the paper (README, "What the routers do on this benchmark"):
     # μ·max(0, share of the routed layers a view ran − allowance), over the views of a batch.
     exit_cost: float = 0.0        # μ; 0: none, the paper's L
     exit_budget: float = 0.0      # the allowance: 0 charges every routed layer run, 0.6 only beyond 60 %
@@ -524,7 +524,8 @@ class DFDHR(nn.Module):
         rank_by = scores if rule == "judge" or query is None else judge_and_cosine(scores, h, query)
         sel = run_on_selected(h, rank_by, run, keep=cfg.keep_ratio, cls_eligible=cfg.cls_eligible,
                               post_weight=cfg.post_weight)
-        ranked = scores if cfg.rank_reaches_features else judge(h.detach())  # what L_rank's gradient reaches
+        # What L_rank's gradient reaches: the judge alone (a second pass on a detached input), or the features too.
+        ranked = judge(h.detach()) if self.training and not cfg.rank_reaches_features else scores
         return LayerOut(sel.out, sel.aux, sel.idx, ranked)
 
     def encode(self, x, routers, query=None):

@@ -225,8 +225,9 @@ def schedule(opt, cfg, *, step, total):
 
 # ----------------------------------------------------------------------------- data
 
-def datasets(cfg, image_size):
-    """{"train": Dataset, "val": Dataset or absent, test_name: Dataset, ...}."""
+def datasets(cfg, image_size, *, render=False, lead=True):
+    """{"train": Dataset, "val": Dataset or absent, test_name: Dataset, ...}; render: the synthetic frames
+    rendered once up front where --synthetic_prerender says so (lead: and say how long it took)."""
     on = cfg.augment == "true" or (cfg.augment == "auto" and cfg.train_data != "synthetic")
     aug = data.Augment(seed=cfg.seed) if on else None
     frames = dict(frames_per_video=cfg.frames_per_video, sampling=cfg.frame_sampling, image_size=image_size)
@@ -267,6 +268,9 @@ def datasets(cfg, image_size):
         else:
             name, ds = load(spec, cfg.test_split, None, **test_frames)
             out[name] = ds
+    t = time.time()
+    if render and cfg.synthetic_prerender and synthetic.prerender(list(out.values())) and lead:
+        print(f"rendered the synthetic frames in {time.time() - t:.0f} s", flush=True)
     return out
 
 
@@ -491,14 +495,10 @@ def main(argv):
 
     # Data.
     try:
-        sets = datasets(cfg, model.config.image_size)
+        sets = datasets(cfg, model.config.image_size, render=True, lead=lead)
     except (FileNotFoundError, ValueError) as e:  # a missing root, an empty folder, a JSON pointing nowhere
         raise SystemExit(f"data: {e}") from None
     train_set, val_set = sets.pop("train"), sets.pop("val", None)
-    if cfg.synthetic_prerender:
-        t = time.time()
-        if synthetic.prerender([train_set, val_set, *sets.values()]) and lead:
-            print(f"rendered the synthetic frames in {time.time() - t:.0f} s", flush=True)
     per_epoch = len(train_set) // cfg.batch_size
     if per_epoch == 0:
         raise SystemExit(f"training set has {len(train_set)} frames, fewer than one batch of {cfg.batch_size}")

@@ -1,10 +1,16 @@
-"""benchmarks/bench.py --quick runs end to end and its two implementations agree; no timing is asserted."""
+"""benchmarks/bench.py --quick runs end to end and its two implementations agree; no timing is asserted.
+benchmarks/precision.py compares what the fp32 and bf16 gradients of the losses reach."""
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
+
+from benchmarks.precision import compare
+from dfdhr import DFDHR
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,3 +61,16 @@ def test_profile_kinds_name_the_kernels_of_each_path():
                      "mkldnn::_linear_pointwise": "matmul", "aten::bmm": "attention", "aten::_softmax": "attention",
                      "aten::_scaled_dot_product_flash_attention_for_cpu": "attention",
                      "aten::upsample_bilinear2d": "other", "aten::copy_": "copies"}
+
+
+@pytest.mark.parametrize("reaches", [False, True])
+def test_precision_compares_each_role_the_loss_reaches(reaches, small, inputs):
+    """benchmarks/precision.py: fp32 and bf16 gradients of the same weights on the same batch and noise point the
+    same way at initialisation, and L_rank reaches the experts only when rank_reaches_features says so."""
+    torch.manual_seed(0)
+    model = DFDHR(replace(small, rank_reaches_features=reaches)).train()
+    rows = compare(model, inputs(small, n=4), torch.tensor([0, 1, 0, 1]))
+    reached = {(r["term"], r["role"]) for r in rows}
+    assert {("ce", "head"), ("ce", "experts"), ("rank", "token_judges")} <= reached
+    assert (("rank", "experts") in reached) == reaches
+    assert all(r["cosine"] > 0.9 for r in rows if r["role"] != "layer_judges"), rows

@@ -428,7 +428,8 @@ def rank_loss(ranked, query, config):
         return query.new_zeros(()).float()
     layers = ranked if config.rank_all_layers else ranked[:1]
     temperature = config.rank_temperature if config.soft_rank else None
-    return torch.stack([spearman_loss(scores.float(), F.cosine_similarity(tokens.float(), query[:, None].float(), dim=-1),
+    return torch.stack([spearman_loss(scores.float(),
+                                      F.cosine_similarity(tokens.float(), query[:, None].float(), dim=-1),
                                       temperature=temperature) for scores, tokens in layers]).mean()
 
 

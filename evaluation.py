@@ -115,10 +115,16 @@ def kept_counts(kept, forged):
     return counts
 
 
+def share(part, whole, digits):
+    """part / whole elementwise as a list, None where whole is 0 (a routed layer no view ran)."""
+    return [round(float(p) / w, digits) if w else None for p, w in zip(part, whole)]
+
+
 def token_recall(counts, cfg):
     """Token Selection against the forged region, from the fake frames' kept_counts (F, R, V, 4):
     per routed layer, for the original and the split images, the share of forged patches kept,
-    of other patches kept, and their ratio (1: blind to the forgery; chance keeps n̂/N of each)."""
+    of other patches kept, and their ratio (1: blind to the forgery; chance keeps n̂/N of each);
+    None for a layer no view with such patches ran (every one exited before it)."""
     chance = num_kept(cfg.num_tokens, cfg.keep_ratio) / cfg.num_tokens
     out = dict(layers=list(cfg.routed_layers), chance=round(chance, 4))
     views = {"original": slice(0, 1), "split": slice(1, None)}
@@ -126,9 +132,9 @@ def token_recall(counts, cfg):
         c = counts[:, :, view].sum((0, 2))  # (R, 4)
         if not c[:, 1].any():
             continue
-        forged, other = c[:, 0] / np.maximum(c[:, 1], 1), c[:, 2] / np.maximum(c[:, 3], 1)
-        out[name] = dict(forged_kept=forged.round(4).tolist(), other_kept=other.round(4).tolist(),
-                         ratio=(forged / np.maximum(other, 1e-9)).round(3).tolist(), forged_patches=int(c[0, 1]))
+        forged, other = share(c[:, 0], c[:, 1], 4), share(c[:, 2], c[:, 3], 4)
+        out[name] = dict(forged_kept=forged, other_kept=other, forged_patches=int(c[0, 1]),
+                         ratio=[None if f is None or not o else round(f / o, 3) for f, o in zip(forged, other)])
     return out
 
 
@@ -293,7 +299,8 @@ def routers_line(m):
     tr = m.get("token_recall", {})
     for view in ("original", "split"):
         if view in tr:
-            parts.append(f"forged/other patches kept ({view}) " + " ".join(f"{r:.2f}" for r in tr[view]["ratio"]))
+            parts.append(f"forged/other patches kept ({view}) "
+                         + " ".join("-" if r is None else f"{r:.2f}" for r in tr[view]["ratio"]))
     gd = m.get("gate_difference")
     if gd:
         parts.append("expert separating real and fake: " + (f"#{gd['separating_expert']}" if gd["separating_expert"]

@@ -280,7 +280,8 @@ def token_recall(metrics):
     for i, (name, tr) in enumerate(rows):
         for view, style in (("original", "-"), ("split", "--")):
             if view in tr:
-                ax.plot(tr["layers"], tr[view]["ratio"], style, marker="o", color=SETS[i % len(SETS)],
+                ratio = [np.nan if r is None else r for r in tr[view]["ratio"]]  # a layer no view ran
+                ax.plot(tr["layers"], ratio, style, marker="o", color=SETS[i % len(SETS)],
                         label=f"{name}, {view}")
     ax.axhline(1, color="grey", linewidth=0.8)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))

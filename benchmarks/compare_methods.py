@@ -181,7 +181,7 @@ def router_cells(runs, test_sets):
 
     def ratio(m):
         tr = m.get("token_recall", {})
-        ratios = [r for view in ("original", "split") if view in tr for r in tr[view]["ratio"]]
+        ratios = [r for view in ("original", "split") if view in tr for r in tr[view]["ratio"] if r is not None]
         return min(ratios) if ratios else None
 
     real = mean_of(runs, over_sets(lambda m: m["exits"]["early_share"].get("real")))

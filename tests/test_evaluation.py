@@ -9,6 +9,7 @@ import synthetic
 from dfdhr import DFDHR, make_config
 import evaluation
 from evaluation import compute_metrics, evaluate, evaluate_sets
+from routing import num_kept
 
 
 def test_metrics_against_hand_computation():
@@ -124,6 +125,21 @@ def test_forged_patches_and_kept_counts_against_a_loop_over_patches(small):
             expected = [sum(p in patches for p in range(g * g) if forged[v, p]), forged[v].sum(),
                         sum(p in patches for p in range(g * g) if not forged[v, p]), (~forged[v]).sum()]
             assert counts[r, v].tolist() == (expected if (r, v) != (3, 2) else [0, 0, 0, 0])
+
+
+def test_token_recall_is_the_shares_written_out_and_none_where_no_view_ran(small):
+    """Per routed layer and branch: forged kept / forged seen, other kept / other seen and their ratio,
+    summed over frames and views; a layer that every view had left before has no share (not 0)."""
+    counts = np.zeros((2, 4, 5, 4), dtype=int)  # (F, R, V, [forged kept, forged, other kept, other])
+    counts[0, :, 0] = [3, 4, 30, 60]  # the original image of frame 0, in every routed layer
+    counts[1, :2, 0] = [1, 4, 50, 60]  # frame 1's original image left after two routed layers
+    counts[:, :3, 1:] = [2, 2, 10, 40]  # the split images ran three routed layers
+    tr = evaluation.token_recall(counts, small)
+    assert tr["original"]["forged_kept"] == [0.5, 0.5, 0.75, 0.75]  # (3 + 1) / 8, then 3 / 4
+    assert tr["original"]["other_kept"] == [round(80 / 120, 4)] * 2 + [0.5, 0.5]
+    assert tr["original"]["ratio"] == [round(0.5 / round(80 / 120, 4), 3)] * 2 + [1.5, 1.5]
+    assert tr["split"]["forged_kept"] == [1.0, 1.0, 1.0, None] and tr["split"]["ratio"] == [4.0, 4.0, 4.0, None]
+    assert tr["chance"] == round(num_kept(small.num_tokens, small.keep_ratio) / small.num_tokens, 4)
 
 
 def test_changed_is_where_the_frame_differs_from_its_unforged_draw():

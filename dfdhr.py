@@ -85,8 +85,8 @@ class DFDHRConfig:
                                    # enough that a token's gradient reaches its neighbours in rank order
     soft_rank: bool = True        # released code: False, argsort ranks (no gradient reaches the judges)
     rank_all_layers: bool = True  # L_rank averaged over the routed layers; released code: False, layer K only
-    rank_reaches_features: bool = False  # False: L_rank trains the token judges alone (the paper's supervision of
-                                         # the judges); True: its gradient also bends the features they read
+    rank_reaches_features: bool = False  # False: L_rank trains the token judges alone (in the released code its
+                                         # gradient reaches nothing); True: it also bends the features they read
     # Token-level Expert Routing.
     expert_routing: bool = True
     num_experts: int = 4          # E (paper)

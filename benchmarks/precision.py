@@ -4,7 +4,8 @@ cosine and norms, on the trainable routers and experts, at initialisation or fro
 
     python -m benchmarks.precision                                     # the default run's model at initialisation
     python -m benchmarks.precision out/last.pt other/last.pt           # the weights of finished runs
-    python -m benchmarks.precision --rank_reaches_features=true        # any train.py option changes the model
+    python -m benchmarks.precision --rank_reaches_features=true        # train.py's options build the model at
+                                                                       # initialisation; a checkpoint keeps its own
 """
 import sys
 

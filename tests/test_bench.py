@@ -74,3 +74,4 @@ def test_precision_compares_each_role_the_loss_reaches(reaches, small, inputs):
     assert {("ce", "head"), ("ce", "experts"), ("rank", "token_judges")} <= reached
     assert (("rank", "experts") in reached) == reaches
     assert all(r["cosine"] > 0.9 for r in rows if r["role"] != "layer_judges"), rows
+    assert all(r["value_fp32"] != r["value_bf16"] for r in rows)  # the second pass did run in bf16

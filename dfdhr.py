@@ -87,6 +87,8 @@ class DFDHRConfig:
     rank_all_layers: bool = True  # L_rank averaged over the routed layers; released code: False, layer K only
     rank_reaches_features: bool = False  # False: L_rank trains the token judges alone (in the released code its
                                          # gradient reaches nothing); True: it also bends the features they read
+    rank_target: str = "similar"  # L_rank's order: "similar", the paper's (tokens most like the global query first);
+                                  # "dissimilar", not in the paper: the least alike first (README, "What moves each router")
     # Token-level Expert Routing.
     expert_routing: bool = True
     num_experts: int = 4          # E (paper)
@@ -133,6 +135,8 @@ class DFDHRConfig:
             (rule not in TOKEN_RULES, f"token_rule={rule!r} must be one of {', '.join(TOKEN_RULES)}"),
             (self.fusion not in ("query", "self_attention", "ensemble"), f"fusion={self.fusion!r} is not a fusion"),
             (self.judge_input not in ("cls", "gap"), f"judge_input={self.judge_input!r} must be 'cls' or 'gap'"),
+            (self.rank_target not in ("similar", "dissimilar"),
+             f"rank_target={self.rank_target!r} must be 'similar' or 'dissimilar'"),
             (rule == "pca" and not 0 < self.pca_components <= min(self.num_tokens, self.width),
              f"pca_components={self.pca_components} must be in 1..min(tokens, width)"),
             (rule == "sparse_attention" and (self.sparse_size < 1 or grid % self.sparse_size),
@@ -423,13 +427,15 @@ class Loss(NamedTuple):
 
 def rank_loss(ranked, query, config):
     """L_rank = 1 - Spearman(token judge scores, cos(input tokens, query)), averaged over the
-    routed layers (the released code: the first routed layer only). 0 without token selection."""
+    routed layers (the released code: the first routed layer only). 0 without token selection.
+    rank_target="dissimilar" ranks by −cos: the tokens least like the query first."""
     if not ranked:
         return query.new_zeros(()).float()
     layers = ranked if config.rank_all_layers else ranked[:1]
     temperature = config.rank_temperature if config.soft_rank else None
+    sign = -1.0 if config.rank_target == "dissimilar" else 1.0
     return torch.stack([spearman_loss(scores.float(),
-                                      F.cosine_similarity(tokens.float(), query[:, None].float(), dim=-1),
+                                      sign * F.cosine_similarity(tokens.float(), query[:, None].float(), dim=-1),
                                       temperature=temperature) for scores, tokens in layers]).mean()
 
 

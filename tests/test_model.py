@@ -1,10 +1,13 @@
 """dfdhr.py beyond the specification in test_dfdhr.py: gradients per role, what is reported, ablation rows."""
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from scipy.stats import spearmanr
 
-from dfdhr import ABLATIONS, DFDHR, dfdhr_loss, force_exit, make_config
+from dfdhr import ABLATIONS, DFDHR, DFDHRConfig, dfdhr_loss, force_exit, make_config, rank_loss
 from finetune import count_trainable
 
 
@@ -131,3 +134,17 @@ def test_compute_cost_charges_the_share_of_routed_layers_run_beyond_the_allowanc
         loss.extra.backward()  # at the allowance, max(0, ·) passes no gradient
         grads = [p.grad for j in model.original_routers.layer_judges for p in j.parameters()]
         assert all(g is not None and g.abs().sum() > 0 for g in grads) == charged
+
+
+@pytest.mark.parametrize("target", ["similar", "dissimilar"])
+def test_rank_target_orders_tokens_by_their_cosine_or_its_opposite(target):
+    """L_rank with exact ranks against scipy: Spearman(scores, cos) for the paper's target, Spearman(scores, −cos)
+    for rank_target="dissimilar" (not in the paper), each averaged over the rows and the routed layers."""
+    torch.manual_seed(0)
+    config = DFDHRConfig(soft_rank=False, rank_target=target)
+    query = torch.randn(3, 16)
+    ranked = [(torch.randn(3, 10), torch.randn(3, 10, 16)) for _ in range(2)]  # (scores (b, N), tokens (b, N, D))
+    sign = -1 if target == "dissimilar" else 1
+    rhos = [spearmanr(s.numpy(), sign * F.cosine_similarity(t, q[None], dim=-1).numpy()).statistic
+            for scores, tokens in ranked for s, t, q in zip(scores, tokens, query)]
+    assert rank_loss(ranked, query, config).item() == pytest.approx(1 - np.mean(rhos), abs=1e-6)

@@ -82,6 +82,7 @@ class Settings:
     lr_schedule: str = "cosine"    # "cosine": a linear warm-up over the first WARMUP of the steps, then a cosine
                                    # decay to 0 at the last; "constant": the paper's
     backbone_lr: float = 1e-6      # a pretrained backbone under full fine-tuning (the paper's baseline)
+    exit_cost_from: float = 0.0    # the share of the steps after which the model's exit_cost (not in the paper) starts
     weight_decay: float = 5e-4
     beta1: float = 0.9
     beta2: float = 0.999
@@ -128,6 +129,8 @@ def check(cfg):
             raise SystemExit(f"--{key}={getattr(cfg, key)} must be at least 1")
     if not 0 < cfg.val_fraction < 1:
         raise SystemExit(f"--val_fraction={cfg.val_fraction} must be in (0, 1)")
+    if not 0 <= cfg.exit_cost_from < 1:
+        raise SystemExit(f"--exit_cost_from={cfg.exit_cost_from} must be in [0, 1)")
     if cfg.init_convnext and cfg.method != "mra":
         raise SystemExit("--init_convnext is MRA's ConvNeXt: it needs --method=mra")
 
@@ -526,7 +529,9 @@ def main(argv):
             losses = None
             if "image" in b:  # a batch whose every frame is unreadable is a step without an update
                 schedule(opt, cfg, step=progress.step, total=cfg.epochs * per_epoch)
-                losses = train_step(stepped, b, opt, config=model.config, micro_batch=proc.micro_batch,
+                charged = progress.step >= cfg.exit_cost_from * cfg.epochs * per_epoch
+                config = model.config if charged else replace(model.config, exit_cost=0.0)
+                losses = train_step(stepped, b, opt, config=config, micro_batch=proc.micro_batch,
                                     autocast=proc.autocast, device=proc.device)
                 finetune.after_step(model, progress.step + 1, total)  # AdaLoRA: its rank allocation
                 seen += len(b["label"]) * proc.world

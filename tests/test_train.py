@@ -221,3 +221,13 @@ def test_cosine_schedule_is_torchs_linear_warm_up_then_cosine_annealing():
         ref.step()
     train.schedule(ours, train.Settings(lr_schedule="constant"), step=57, total=total)
     assert ours.param_groups[0]["lr"] == lr
+
+
+def test_exit_cost_starts_at_its_share_of_the_steps(tmp_path, tiny_run):
+    """--exit_cost_from=0.5: no term on computation in the first of two epochs, the term in the second."""
+    train.main(tiny_run + ["--epochs=2", "--exit_cost=1", "--exit_cost_from=0.5", "--synthetic_test_videos=2",
+                           "--test_frames_per_video=1", f"--out_dir={tmp_path}"])
+    steps = json.loads((tmp_path / "history.json").read_text())["steps"]  # "step" counts from 1
+    first_epoch = len(steps) // 2
+    assert len(steps) >= 4 and all(h["extra"] == 0 for h in steps[:first_epoch])
+    assert all(h["extra"] > 0 for h in steps[first_epoch:])

@@ -226,25 +226,28 @@ def bench_routing(preset, *, batch, repeats):
 def profile_exits(preset, *, batch, passes, top=12):
     """Layer exit side by side: every view exiting at K against none exiting, `passes` forwards of
     each in turn under torch.profiler; per operator the mean self time of both, so the saving can be
-    followed to the operators that give it (and those that do not)."""
+    followed to the operators that give it (and those that do not), and the profiler's FLOPs count."""
     full, exited, x = exit_variants(preset, batch)
     cfg = full.config
     self_ms = {"all_layers": {}, "exit_at_K": {}}
+    flops = {k: {} for k in self_ms}  # the profiler's count per forward: unlike the times, the same on any machine
     walls = {k: [] for k in self_ms}
     with torch.no_grad():
         full(x), exited(x)
         for _ in range(passes):
             for name, model in (("all_layers", full), ("exit_at_K", exited)):
                 start = time.perf_counter()
-                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], with_flops=True) as prof:
                     model(x)
                 walls[name].append(time.perf_counter() - start)
                 for e in prof.key_averages():
                     self_ms[name][e.key] = self_ms[name].get(e.key, 0) + e.self_cpu_time_total / 1e3 / passes
+                    flops[name][e.key] = e.flops
     a, b = self_ms["all_layers"], self_ms["exit_at_K"]
     total_a, total_b = sum(a.values()), sum(b.values())
     rows = [dict(op=op, all_layers_ms=a.get(op, 0), exit_at_K_ms=b.get(op, 0), saved_ms=a.get(op, 0) - b.get(op, 0),
-                 share_of_saving=(a.get(op, 0) - b.get(op, 0)) / (total_a - total_b))
+                 share_of_saving=(a.get(op, 0) - b.get(op, 0)) / (total_a - total_b),
+                 all_layers_flops=flops["all_layers"].get(op, 0), exit_at_K_flops=flops["exit_at_K"].get(op, 0))
             for op in sorted(set(a) | set(b), key=lambda op: -a.get(op, 0))[:top]]
     predicted = 1 - estimate_flops(cfg, cfg.first_routed_layer) / estimate_flops(cfg, cfg.layers)
     return rows, dict(passes=passes, batch=batch, predicted_saving=predicted, self_total_ms=[total_a, total_b],

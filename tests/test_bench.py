@@ -47,7 +47,7 @@ def test_bench_quick_exit_profile_sees_the_skipped_layers(tmp_path):
     results = json.loads(out.read_text())
     d = results["exits"]
     matmul = next(r for r in d if r["op"] == "aten::addmm")  # half the small preset's layers are skipped
-    assert 0.2 < 1 - matmul["exit_at_K_ms"] / matmul["all_layers_ms"] < 0.7
+    assert 0.2 < 1 - matmul["exit_at_K_flops"] / matmul["all_layers_flops"] < 0.7  # FLOPs: times vary by machine
 
 
 def test_profile_kinds_name_the_kernels_of_each_path():

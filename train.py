@@ -111,7 +111,10 @@ def settings(given, model_given):
         raise SystemExit(f"--preset={preset}: choose one of {sorted(PRESETS)}")
     cfg = Settings(**{**(PAPER_SETTINGS if preset == "paper" else {}), **given})
     check(cfg)
-    return cfg, model_config(cfg, model_given)
+    model = model_config(cfg, model_given)
+    if cfg.exit_cost_from and not model.exit_cost:
+        raise SystemExit(f"--exit_cost_from={cfg.exit_cost_from} starts --exit_cost, which is 0: set both")
+    return cfg, model
 
 
 def check(cfg):

@@ -35,6 +35,8 @@ def test_overrides_are_typed_and_checked():
         train.main(["--keep_ratio=0"])
     with pytest.raises(SystemExit, match="first_routed_layer=9"):
         train.main(["--first_routed_layer=9"])
+    with pytest.raises(SystemExit, match="--exit_cost_from=0.5 starts --exit_cost, which is 0"):
+        train.main(["--exit_cost_from=0.5"])
 
 
 def test_paper_preset_takes_the_released_recipe_unless_overridden():
